@@ -1,0 +1,226 @@
+"""`ctseg compare RUN_DIR...`: the study's comparison table, measured on this machine.
+
+For each trained run: network, epochs, volume Dice and accuracy, inference time per slice,
+parameter count and size, checkpoint size. Dice and accuracy are measured by running the run's
+best checkpoint through the same slice-wise inference path as `ctseg predict` on the run's
+validation cases, read from the case folder the run trained on (or `--case-dir`). Only when that
+folder is gone is the Dice recorded in metrics.json shown (accuracy blank); the `dice_source`
+column says which.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from ctseg.config import get
+from ctseg.errors import CTSegError
+from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.evaluate.report import read_run
+from ctseg.utils import atomic_write_text, pick_device
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+COLUMNS = ("run", "network", "epochs", "dice", "accuracy", "dice_source", "val_cases",
+           "ms_per_slice", "params", "param_mb", "checkpoint_mb")
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module  # in eval mode, on the requested device
+    config: dict  # the resolved training config stored in the checkpoint
+    network: dict  # registry spec: {name, in_channels, out_channels, features, kwargs}
+    checkpoint: Path
+
+
+def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """A run's best checkpoint, rebuilt through the registry (`ctseg.train.checkpoint`)."""
+    from ctseg.train.checkpoint import BEST, load_model, network_spec, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run_dir, BEST)
+    model, config = load_model(checkpoint, device)
+    return LoadedRun(model, config, network_spec(config), checkpoint)
+
+
+def validation_cases(run_dir: Path, case_dir: Path) -> list:
+    """The labelled cases of `case_dir` in the run's validation set (its test set if none)."""
+    from ctseg.data import discover_cases
+    from ctseg.data.split import load_split
+
+    split = load_split(Path(run_dir) / "split.json")
+    names = split.get("val") or split.get("test") or []
+    cases = [c for c in discover_cases(case_dir) if c.name in set(names) and c.label is not None]
+    if not cases:
+        raise CTSegError(f"{case_dir}: none of the run's validation cases {names} found with a mask")
+    return cases
+
+
+def measure_cases(
+    run: LoadedRun, cases: Sequence, device: torch.device | str, noise_hu: float = 0.0, seed: int = 0,
+) -> list[dict]:
+    """Volume metrics (no distances) per case, optionally with Gaussian noise of `noise_hu` HU added.
+
+    Labels come from `predict_volume` and the model's post-processing, as `ctseg predict` and the
+    training validation produce them; `raw_dice` is the network's output before post-processing.
+    Cases are read through the preprocessing cache, so evaluating many runs on the same cases
+    parses each DICOM series once.
+    """
+    from ctseg.data.cache import cache_case
+    from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+    from ctseg.infer.predictor import num_classes, predict_volume
+
+    rng = np.random.default_rng(seed)
+    n_classes = num_classes(run.config)
+    steps = postprocess_steps(run.config, n_classes)
+    rows = []
+    for case in cases:
+        cached = cache_case(case, run.config, get(run.config, "data.cache_dir"))
+        hu = np.asarray(cached.hu, dtype=np.float32)
+        if noise_hu > 0:
+            hu = hu + rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
+        raw, _ = predict_volume(run.model, hu, run.config, device)
+        labels = postprocess_labels(raw, steps)
+        truth = np.asarray(cached.label)
+        metrics = segmentation_metrics(labels, truth, cached.spacing, num_classes=n_classes, distances=False)
+        metrics["slice_dice"] = float(np.mean(slice_dice(labels, truth, num_classes=n_classes)))
+        metrics["raw_dice"] = metrics["dice"] if labels is raw else segmentation_metrics(
+            raw, truth, cached.spacing, num_classes=n_classes, distances=False)["dice"]
+        rows.append({"case": case.name, "noise_hu": noise_hu, **metrics})
+    return rows
+
+
+def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> float:
+    """Median over `repeats` of the forward time of one batch of slices, per slice.
+
+    The batch is `infer.batch_size` slices at the training size, as `ctseg predict` runs them;
+    a whole batch per timing also keeps a scheduler stall on a shared CPU from dominating. On
+    CUDA with the settings inference uses there (channels_last, fp16 autocast with train.amp).
+    """
+    from ctseg.transforms import training_size
+
+    cuda = device.type == "cuda"
+    batch = int(get(run.config, "infer.batch_size", 16))
+    x = torch.randn(batch, int(run.network["in_channels"]), *training_size(run.config), device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = cuda and bool(get(run.config, "train.amp", True))
+    times = []
+    with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        for i in range(repeats + 1):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run.model(x)
+            if cuda:
+                torch.cuda.synchronize(device)
+            if i >= 1:  # the first call pays for allocation and kernel selection
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0 / batch
+
+
+def run_facts(run_dir: Path, run: LoadedRun, device: torch.device, repeats: int = 10) -> dict:
+    """Network, epochs, size and speed of a loaded run (everything but its Dice)."""
+    _, metrics = read_run(run_dir)
+    params = list(run.model.parameters())
+    return {
+        "run": Path(run_dir).name,
+        "network": run.network["name"],
+        "epochs": metrics.get("epochs"),
+        "params": sum(p.numel() for p in params),
+        "param_mb": sum(p.numel() * p.element_size() for p in params) / MIB,
+        "checkpoint_mb": run.checkpoint.stat().st_size / MIB,
+        "ms_per_slice": ms_per_slice(run, device, repeats),
+    }
+
+
+def mean_metrics(rows: Sequence[dict],
+                 keys: Sequence[str] = ("dice", "raw_dice", "accuracy", "slice_dice")) -> dict:
+    """Mean over cases of `keys` from `measure_cases` rows."""
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def summarize_run(run_dir: Path, case_dir: Path | None = None, device: str | None = None,
+                  repeats: int = 10) -> dict:
+    """One row of the comparison table for `run_dir`."""
+    run_dir = Path(run_dir)
+    dev = pick_device(device)
+    run = load_run(run_dir, dev)
+    row = run_facts(run_dir, run, dev, repeats)
+    case_root = run_case_dir(run.config, case_dir)
+    if case_root.is_dir():
+        rows = measure_cases(run, validation_cases(run_dir, case_root), dev)
+        row.update(mean_metrics(rows, ("dice", "accuracy")), dice_source="measured", val_cases=len(rows))
+    else:
+        log.warning("%s: case folder %s not found; showing the Dice recorded in metrics.json", run_dir, case_root)
+        row.update(dice=read_run(run_dir)[1].get("best_val_dice"), accuracy=None, dice_source="metrics.json",
+                   val_cases=None)
+    return row
+
+
+def run_case_dir(config: dict, case_dir: Path | None = None) -> Path:
+    """`case_dir` if given, else the folder the run trained on (the cached phantom for phantom runs)."""
+    from ctseg.train.loop import ensure_phantom
+
+    if case_dir is not None:
+        return Path(case_dir)
+    recorded = get(config, "data.case_dir")
+    return Path(recorded) if recorded else ensure_phantom(config)
+
+
+def compare_runs(run_dirs: Iterable[Path], output: Path | None = None, case_dir: Path | None = None,
+                 device: str | None = None, repeats: int = 10) -> list[dict]:
+    """Rows for every run; with `output`, also writes compare.md and compare.csv there."""
+    rows = [summarize_run(r, case_dir, device, repeats) for r in run_dirs]
+    if output is not None:
+        output = Path(output)
+        atomic_write_text(output / "compare.csv", to_csv(rows))
+        atomic_write_text(output / "compare.md", to_markdown(rows, device=str(pick_device(device))))
+    return rows
+
+
+def to_csv(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def to_markdown(rows: Sequence[dict], device: str | None = None) -> str:
+    head = ["run", "network", "epochs", "volume Dice", "accuracy", "ms / slice", "params",
+            "param MB", "checkpoint MB"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["run"]), str(r["network"]), _num(r["epochs"], "d"), _num(r["dice"], ".4f"),
+            _num(r["accuracy"], ".4f"), _num(r["ms_per_slice"], ".2f"), f"{r['params']:,}",
+            _num(r["param_mb"], ".2f"), _num(r["checkpoint_mb"], ".2f")]) + " |")
+    notes = []
+    if any(r["dice_source"] == "measured" for r in rows):
+        notes.append("volume Dice, accuracy: best checkpoint run through `ctseg predict`'s inference path "
+                     "and post-processing on the run's validation cases, mean over cases")
+    stale = [str(r["run"]) for r in rows if r["dice_source"] != "measured"]
+    if stale:
+        notes.append(f"{', '.join(stale)}: case folder not found, Dice as recorded in metrics.json")
+    notes.append("ms / slice: median forward pass of one inference batch (infer.batch_size slices at the "
+                 "trained input size), divided by the batch size"
+                 + (f" on {device}" if device else ""))
+    notes.append("MB = 2^20 bytes; checkpoint MB includes the optimizer state")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def _num(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(int(value) if spec == "d" else float(value), spec)

@@ -1,0 +1,333 @@
+"""`ctseg evaluate`: score predicted NIfTI masks against the labelled cases of a case folder.
+
+Predictions are matched to cases by name (`PRED_DIR/<case>.nii.gz`) and must sit on exactly the
+CT's voxel grid: a different shape or affine is refused, never resampled, because a resampled
+Dice describes a different segmentation from the one the user would load in 3D Slicer.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ctseg.errors import CTSegError, MaskError
+from ctseg.evaluate import figures
+from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS, segmentation_metrics,
+                                   slice_dice)
+from ctseg.io.masks import AFFINE_TOLERANCE
+from ctseg.io.volume import CTVolume
+from ctseg.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+#: Columns of cases.csv before the metrics.
+CASE_COLUMNS = ("case", "group", "slices", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm")
+SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels", "pred_pixels")
+
+
+@dataclass
+class CaseResult:
+    """Everything the report needs about one case; CT kept only for the three gallery slices."""
+
+    name: str
+    group: str
+    spacing: tuple[float, float, float]
+    metrics: dict[str, float]
+    positions_mm: np.ndarray
+    dice: np.ndarray
+    truth_pixels: np.ndarray
+    pred_pixels: np.ndarray
+    gallery: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def load_prediction(path: Path, reference: CTVolume, tolerance: float = AFFINE_TOLERANCE) -> np.ndarray:
+    """Predicted labels (z, y, x) uint8, refused unless on exactly `reference`'s voxel grid."""
+    from ctseg.io import load_nifti
+
+    pred = load_nifti(path)
+    if pred.shape != reference.shape:
+        raise MaskError(f"{path}: prediction shape {pred.shape} (z, y, x) differs from the CT "
+                        f"{reference.shape}; predictions must be written on the CT grid")
+    diff = float(np.max(np.abs(pred.affine - reference.affine)))
+    if diff > tolerance:
+        raise MaskError(f"{path}: prediction affine differs from the CT's by up to {diff:.4g} mm "
+                        f"(tolerance {tolerance} mm); refusing to resample.\n"
+                        f"prediction:\n{np.array2string(pred.affine, precision=4)}\n"
+                        f"CT:\n{np.array2string(reference.affine, precision=4)}")
+    labels = pred.array
+    if not np.all(np.rint(labels) == labels) or (labels.size and labels.min() < 0):
+        raise MaskError(f"{path}: prediction holds non-integer or negative values; expected a label map")
+    if labels.size and labels.max() > 255:
+        raise MaskError(f"{path}: prediction labels up to {labels.max():.0f} do not fit a label map")
+    return labels.astype(np.uint8)
+
+
+def slice_positions(volume: CTVolume) -> np.ndarray:
+    """Signed position (mm) of each slice along the slice normal, as DICOM SliceLocation reads."""
+    k = np.arange(volume.shape[0], dtype=np.float64)
+    centres = volume.affine[:3, 3][None, :] + k[:, None] * volume.affine[:3, 2][None, :]
+    normal = volume.affine[:3, 2] / np.linalg.norm(volume.affine[:3, 2])
+    return centres @ normal
+
+
+def load_split_groups(path: Path) -> dict[str, str]:
+    """Case name -> group ("train", "val", "test", ...) from a run's split.json.
+
+    Any top-level list of case names counts as a group, so folds or extra groups work too.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CTSegError(f"{path}: cannot read split file ({exc})") from exc
+    groups: dict[str, str] = {}
+    for group, names in (data.items() if isinstance(data, dict) else ()):
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            for name in names:
+                groups.setdefault(name, group)
+    if not groups:
+        raise CTSegError(f"{path}: no lists of case names found (expected e.g. {{\"train\": [...]}})")
+    return groups
+
+
+def evaluate_case(
+    case, pred_path: Path, *, group: str = "all", tolerance_mm: float = 2.0,
+    empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, num_classes: int | None = None,
+) -> CaseResult:
+    """Metrics, per-slice Dice and the best/median/worst gallery for one labelled `ctseg.data.Case`."""
+    from ctseg.data.cache import load_case_volume
+    from ctseg.io import load_mask
+
+    volume = load_case_volume(case)
+    truth = load_mask(case.label, volume)
+    pred = load_prediction(pred_path, volume)
+    n_classes = num_classes or max(2, int(truth.max()) + 1, int(pred.max()) + 1)
+    metrics = segmentation_metrics(pred, truth, volume.spacing, num_classes=n_classes,
+                                   tolerance_mm=tolerance_mm)
+    dice = slice_dice(pred, truth, empty_threshold=empty_threshold, num_classes=n_classes)
+    result = CaseResult(
+        name=case.name, group=group, spacing=tuple(float(s) for s in volume.spacing), metrics=metrics,
+        positions_mm=slice_positions(volume), dice=dice,
+        truth_pixels=(truth > 0).sum(axis=(1, 2)), pred_pixels=(pred > 0).sum(axis=(1, 2)),
+    )
+    for title, k in gallery_slices(dice, result.truth_pixels, result.pred_pixels):
+        result.gallery.append((f"{title}: slice {k}, Dice {dice[k]:.3f}",
+                               volume.array[k].copy(), truth[k] > 0, pred[k] > 0))
+    return result
+
+
+def gallery_slices(dice: np.ndarray, truth_pixels: np.ndarray, pred_pixels: np.ndarray) -> list[tuple[str, int]]:
+    """Best, median and worst slice among those with truth on them (with prediction, if no truth).
+
+    Empty-truth slices are left out: they score 1 under the empty-slice rule and would always
+    be "best" while showing nothing.
+    """
+    candidates = np.flatnonzero(truth_pixels > 0)
+    if candidates.size == 0:
+        candidates = np.flatnonzero(pred_pixels > 0)
+    if candidates.size == 0:
+        return []
+    order = candidates[np.argsort(dice[candidates], kind="stable")]
+    return [("best", int(order[-1])), ("median", int(order[len(order) // 2])), ("worst", int(order[0]))]
+
+
+def summarize(rows: Iterable[Mapping[str, float]], keys: Iterable[str]) -> dict[str, dict]:
+    """mean, sd (sample), median, min over finite values, and how many were not finite."""
+    rows = list(rows)
+    summary = {}
+    for key in keys:
+        values = np.array([row[key] for row in rows if key in row], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        summary[key] = {
+            "mean": float(finite.mean()) if finite.size else None,
+            "sd": float(finite.std(ddof=1)) if finite.size > 1 else None,
+            "median": float(np.median(finite)) if finite.size else None,
+            "min": float(finite.min()) if finite.size else None,
+            "n": int(finite.size),
+            "non_finite": int(values.size - finite.size),
+        }
+    return summary
+
+
+def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], list[str], list[str]]:
+    """(case, prediction path) for every labelled case with a prediction.
+
+    Also returns predictions without a labelled case and labelled cases without a prediction,
+    which the report lists rather than silently dropping.
+    """
+    from ctseg.data import discover_cases
+
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    if not pred_dir.is_dir():
+        raise CTSegError(f"{pred_dir}: prediction folder not found")
+    preds = {p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem: p
+             for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith((".nii", ".nii.gz"))}
+    cases = {case.name: case for case in discover_cases(truth_dir) if case.label is not None}
+    matched = [(case, preds[name]) for name, case in cases.items() if name in preds]
+    unmatched_preds = sorted(set(preds) - set(cases))
+    missing_preds = sorted(set(cases) - set(preds))
+    if not matched:
+        raise CTSegError(
+            f"no prediction in {pred_dir} matches a labelled case in {truth_dir} by name "
+            f"(predictions: {', '.join(sorted(preds)[:5]) or 'none'}; "
+            f"cases: {', '.join(sorted(cases)[:5]) or 'none'})")
+    return matched, unmatched_preds, missing_preds
+
+
+def evaluate_predictions(
+    pred_dir: Path, truth_dir: Path, output: Path, *, tolerance_mm: float = 2.0,
+    empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, split: Path | None = None,
+    num_classes: int | None = None,
+) -> dict:
+    """Score every matched case and write cases.csv, slices.csv, summary.json, report.md + PNGs.
+
+    Returns the summary (also written as summary.json).
+    """
+    output = Path(output)
+    matched, unmatched_preds, missing_preds = match_predictions(pred_dir, truth_dir)
+    groups = load_split_groups(split) if split else {}
+    for name in unmatched_preds:
+        log.warning("prediction %s has no labelled case in %s: not scored", name, truth_dir)
+    for name in missing_preds:
+        log.warning("labelled case %s has no prediction in %s: not scored", name, pred_dir)
+
+    fig_dir = output / "figures"
+    results: list[CaseResult] = []
+    figure_paths: dict[str, list[Path]] = {"slice_dice": [], "gallery": []}
+    for case, pred_path in matched:
+        name = case.name
+        log.info("evaluating %s", name)
+        group = groups.get(name, "other") if groups else "all"
+        result = evaluate_case(case, pred_path, group=group, tolerance_mm=tolerance_mm,
+                               empty_threshold=empty_threshold, num_classes=num_classes)
+        figure_paths["slice_dice"].append(figures.slice_dice_plot(
+            name, result.positions_mm, result.dice, result.truth_pixels > 0, empty_threshold,
+            fig_dir / f"slice_dice_{name}.png"))
+        if result.gallery:
+            figure_paths["gallery"].append(figures.slice_gallery(
+                name, result.gallery, result.spacing[1:], fig_dir / f"slices_{name}.png"))
+        result.gallery = []  # the CT slices are no longer needed
+        results.append(result)
+
+    by_group: dict[str, list[np.ndarray]] = {}
+    for r in results:
+        by_group.setdefault(r.group, []).append(r.dice)
+    histogram = figures.dice_histogram({g: np.concatenate(v) for g, v in by_group.items()},
+                                       fig_dir / "slice_dice_histogram.png")
+
+    metric_keys = list(dict.fromkeys(k for r in results for k in r.metrics))
+    summary = {
+        "cases": len(results),
+        "tolerance_mm": tolerance_mm,
+        "empty_threshold_pixels": empty_threshold,
+        "empty_slice_rule": ("per-slice Dice is 1 when truth is empty and the prediction has no pixels "
+                             f"or fewer than {empty_threshold}; 0 when truth is empty and it has more"),
+        "metrics": summarize((r.metrics for r in results), metric_keys),
+        "slice_dice": summarize(({"dice": float(d)} for r in results for d in r.dice), ["dice"])["dice"],
+        "unmatched_predictions": unmatched_preds,
+        "cases_without_prediction": missing_preds,
+    }
+    if groups:
+        summary["groups"] = {
+            g: {"cases": [r.name for r in results if r.group == g],
+                "metrics": summarize((r.metrics for r in results if r.group == g), metric_keys),
+                "slice_dice": summarize(({"dice": float(d)} for d in np.concatenate(v)), ["dice"])["dice"]}
+            for g, v in by_group.items()
+        }
+
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "cases.csv", _csv(
+        list(CASE_COLUMNS) + metric_keys,
+        ({"case": r.name, "group": r.group, "slices": len(r.dice), "spacing_z_mm": r.spacing[0],
+          "spacing_y_mm": r.spacing[1], "spacing_x_mm": r.spacing[2], **r.metrics} for r in results)))
+    atomic_write_text(output / "slices.csv", _csv(
+        SLICE_COLUMNS,
+        ({"case": r.name, "group": r.group, "slice": k, "position_mm": round(float(r.positions_mm[k]), 3),
+          "dice": float(r.dice[k]), "truth_pixels": int(r.truth_pixels[k]), "pred_pixels": int(r.pred_pixels[k])}
+         for r in results for k in range(len(r.dice)))))
+    atomic_write_text(output / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    atomic_write_text(output / "report.md", _report(summary, results, metric_keys, figure_paths, histogram,
+                                                    output, Path(pred_dir), Path(truth_dir)))
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _csv(columns: Iterable[str], rows: Iterable[Mapping]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _json_safe(value):
+    """JSON has no NaN/inf: they become null (summaries count non-finite values separately)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
+            figure_paths: dict[str, list[Path]], histogram: Path, output: Path,
+            pred_dir: Path, truth_dir: Path) -> str:
+    rel = lambda p: Path(p).relative_to(output).as_posix()  # noqa: E731
+    lines = [
+        "# Segmentation evaluation", "",
+        f"- predictions: `{pred_dir}`", f"- truth: `{truth_dir}`",
+        f"- cases scored: {summary['cases']}",
+        f"- surface tolerance for NSD: {summary['tolerance_mm']} mm; distances in mm from the CT spacing",
+        f"- per-slice rule: {summary['empty_slice_rule']} (threshold {summary['empty_threshold_pixels']} pixels)",
+    ]
+    if summary["unmatched_predictions"]:
+        lines.append(f"- predictions without a labelled case (not scored): {', '.join(summary['unmatched_predictions'])}")
+    if summary["cases_without_prediction"]:
+        lines.append(f"- labelled cases without a prediction (not scored): {', '.join(summary['cases_without_prediction'])}")
+    lines += ["", "## Summary over cases", "",
+              "| metric | mean | sd | median | min | n | non-finite |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key, s in summary["metrics"].items():
+        lines.append(f"| {key} | {_fmt(s['mean'])} | {_fmt(s['sd'])} | {_fmt(s['median'])} | {_fmt(s['min'])} "
+                     f"| {s['n']} | {s['non_finite']} |")
+    sd = summary["slice_dice"]
+    lines.append(f"| per-slice Dice (all slices) | {_fmt(sd['mean'])} | {_fmt(sd['sd'])} | {_fmt(sd['median'])} "
+                 f"| {_fmt(sd['min'])} | {sd['n']} | {sd['non_finite']} |")
+    if "groups" in summary:
+        lines += ["", "## By split group", "", "| group | cases | volume Dice mean | per-slice Dice mean |",
+                  "| --- | --- | --- | --- |"]
+        for g, s in summary["groups"].items():
+            lines.append(f"| {g} | {len(s['cases'])} | {_fmt(s['metrics']['dice']['mean'])} "
+                         f"| {_fmt(s['slice_dice']['mean'])} |")
+    shown = [k for k in OVERLAP_METRICS + DISTANCE_METRICS if k in metric_keys]
+    lines += ["", "## Per case", "", "| case | group | slices | " + " | ".join(shown) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in shown) + " |"]
+    for r in results:
+        lines.append(f"| {r.name} | {r.group} | {len(r.dice)} | " + " | ".join(_fmt(r.metrics[k]) for k in shown) + " |")
+    lines += ["", "Full values: `cases.csv`, `slices.csv`, `summary.json`.", "", "## Figures", "",
+              "### Per-slice Dice histogram", "", f"![per-slice Dice histogram]({rel(histogram)})", "",
+              "### Per-slice Dice along the scan", ""]
+    lines += [f"![{p.stem}]({rel(p)})" for p in figure_paths["slice_dice"]]
+    lines += ["", "### Best, median and worst slices (truth green, prediction red)", ""]
+    lines += [f"![{p.stem}]({rel(p)})" for p in figure_paths["gallery"]]
+    return "\n".join(lines) + "\n"

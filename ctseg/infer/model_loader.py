@@ -1,0 +1,203 @@
+"""One loader for every form a trained model travels in: run folder, checkpoint file, MONAI bundle.
+
+- RUN_DIR (has `checkpoints/`): its `checkpoints/best.pt`;
+- CHECKPOINT: a file in the training checkpoint format (`ctseg.train.checkpoint`);
+- BUNDLE_DIR (has `configs/inference.yaml`): the network described by the bundle's `network_def`
+  and the ctseg config it carries (`ctseg_config`), weights from `models/model.pt`.
+
+Weights are always read with `torch.load(weights_only=True)`, so a model file cannot run code.
+A bundle config is read as plain YAML: its network must be ctseg's registry
+(`ctseg.networks.build_network`) with literal arguments. MONAI's parser, which evaluates `$`
+expressions and instantiates any `_target_`, is used only with `trust_bundle=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ctseg.data.dataset import context_slices
+from ctseg.errors import ConfigError, ModelError
+from ctseg.infer.predictor import output_channels
+from ctseg.utils import pick_device
+
+log = logging.getLogger(__name__)
+
+REGISTRY_TARGET = "ctseg.networks.build_network"
+BUNDLE_CONFIG = Path("configs") / "inference.yaml"
+BUNDLE_WEIGHTS = Path("models") / "model.pt"
+_SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs")
+
+
+@dataclass
+class LoadedModel:
+    """A trained network in eval mode on its device, with the config inference reads."""
+
+    model: torch.nn.Module
+    config: dict
+    network: dict | None  # registry spec {name, in_channels, out_channels, features, kwargs}
+    source: Path
+    kind: str  # "run", "checkpoint" or "bundle"
+
+
+def is_bundle(path: Path) -> bool:
+    return (Path(path) / BUNDLE_CONFIG).is_file()
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               trust_bundle: bool = False) -> LoadedModel:
+    """Load a run folder, a checkpoint file or a bundle folder (see the module docstring)."""
+    path = Path(path)
+    device = pick_device(str(device) if device is not None else None)
+    if path.is_dir() and is_bundle(path):
+        return _load_bundle(path, device, trust_bundle)
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        raise ModelError(f"{path}: neither a run folder (no checkpoints/) nor a MONAI bundle "
+                         f"(no {BUNDLE_CONFIG})")
+    from ctseg.train.checkpoint import BEST, load_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path, BEST)
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    config, spec = state.get("config"), state["network"]
+    if not isinstance(config, dict):
+        raise ModelError(f"{checkpoint}: the checkpoint holds no config")
+    check_network(spec, config, checkpoint)
+    model = build_registry_model(spec, checkpoint)
+    load_weights(model, state["model"], checkpoint)
+    return LoadedModel(model.to(device).eval(), config, spec, checkpoint,
+                       "run" if path.is_dir() else "checkpoint")
+
+
+def check_network(spec: dict, config: dict, source: Path) -> None:
+    """Refuse a network whose channels disagree with the preprocessing and classes of its config."""
+    try:
+        wanted_in, wanted_out = context_slices(config), output_channels(config)
+    except ConfigError as exc:
+        raise ModelError(f"{source}: {exc}") from exc
+    if int(spec["in_channels"]) != wanted_in:
+        raise ModelError(f"{source}: the network takes {spec['in_channels']} input channel(s) but its "
+                         f"config stacks {wanted_in} slice(s) per input (data.context)")
+    if int(spec["out_channels"]) != wanted_out:
+        raise ModelError(f"{source}: the network gives {spec['out_channels']} output channel(s) but its "
+                         f"config's data.num_classes needs {wanted_out}")
+
+
+def build_registry_model(spec: dict, source: Path) -> torch.nn.Module:
+    from ctseg.networks import build_network
+
+    try:
+        return build_network(spec["name"], int(spec["in_channels"]), int(spec["out_channels"]),
+                             features=spec.get("features"), **(spec.get("kwargs") or {}))
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: cannot build network {spec.get('name')!r} ({exc})") from exc
+
+
+def load_weights(model: torch.nn.Module, state_dict: Any, source: Path) -> None:
+    if not isinstance(state_dict, dict):
+        raise ModelError(f"{source}: holds no state_dict")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise ModelError(f"{source}: weights do not fit the network ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- bundles
+def read_bundle_config(bundle: Path) -> dict:
+    """The bundle's inference config as plain data (nothing evaluated, nothing imported)."""
+    path = bundle / BUNDLE_CONFIG
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelError(f"{path}: unreadable bundle config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: a bundle config must be a mapping")
+    return config
+
+
+def _load_bundle(bundle: Path, device: torch.device, trust: bool) -> LoadedModel:
+    config_path = bundle / BUNDLE_CONFIG
+    raw = read_bundle_config(bundle)
+    weights = bundle / BUNDLE_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{weights}: the bundle has no weights; `ctseg export-bundle RUN_DIR --output "
+                         f"{bundle}` writes them")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...
+        raise ModelError(f"{weights}: not loadable with weights_only=True ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a CheckpointLoader-style {"model": state_dict}
+    if not isinstance(raw.get("ctseg_config"), dict):
+        raise ModelError(f"{config_path}: no `ctseg_config` mapping (the preprocessing the network "
+                         "was trained with); export the bundle with `ctseg export-bundle`")
+    if trust:
+        model, config = _parse_trusted(bundle)
+        spec = None
+    else:
+        config = raw["ctseg_config"]
+        _require_literal(config, f"{config_path}: ctseg_config")
+        spec = _registry_spec(raw.get("network_def"), config_path)
+        check_network(spec, config, config_path)
+        model = build_registry_model(spec, config_path)
+    load_weights(model, state, weights)
+    return LoadedModel(model.to(device).eval(), config, spec, bundle, "bundle")
+
+
+def _registry_spec(network_def: Any, source: Path) -> dict:
+    """`network_def` as registry arguments, accepted only as literal data aimed at ctseg's registry."""
+    if not isinstance(network_def, dict):
+        raise ModelError(f"{source}: no `network_def` mapping")
+    target = network_def.get("_target_")
+    if target != REGISTRY_TARGET:
+        raise ModelError(f"{source}: network_def#_target_ is {target!r}; without --trust-bundle only "
+                         f"{REGISTRY_TARGET!r} is built")
+    args = {k: v for k, v in network_def.items() if k != "_target_"}
+    _require_literal(args, f"{source}: network_def")
+    missing = [k for k in ("name", "in_channels", "out_channels") if k not in args]
+    if missing:
+        raise ModelError(f"{source}: network_def lacks {missing}")
+    spec = {k: args.pop(k) for k in _SPEC_KEYS if k in args}
+    spec.setdefault("features", None)
+    spec["kwargs"] = {**(spec.get("kwargs") or {}), **args}
+    return spec
+
+
+def _require_literal(value: Any, where: str) -> None:
+    """Refuse MONAI config syntax (`$` expressions, `@` references, `%` macros, `_target_`s)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key in ("_target_", "_requires_", "_disabled_", "_mode_"):
+                raise ModelError(f"{where}: {key!r} is only accepted with --trust-bundle")
+            _require_literal(item, f"{where}#{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _require_literal(item, f"{where}#{i}")
+    elif isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        raise ModelError(f"{where}: {value!r} is an expression or reference, evaluated only with "
+                         "--trust-bundle")
+
+
+def _parse_trusted(bundle: Path) -> tuple[torch.nn.Module, dict]:
+    """Resolve `network_def` and `ctseg_config` with MONAI's parser (runs the bundle's code)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / BUNDLE_CONFIG))
+    metadata = bundle / "configs" / "metadata.json"
+    if metadata.is_file():
+        parser.read_meta(str(metadata))
+    parser["bundle_root"] = str(bundle)
+    try:
+        model = parser.get_parsed_content("network_def", instantiate=True)
+        config = parser.get_parsed_content("ctseg_config")
+    except Exception as exc:  # the bundle's own code may raise anything
+        raise ModelError(f"{bundle / BUNDLE_CONFIG}: cannot build network_def ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise ModelError(f"{bundle / BUNDLE_CONFIG}: network_def is not a torch module")
+    log.warning("%s: evaluated the bundle's config with MONAI's parser (--trust-bundle)", bundle)
+    return model, dict(config)

@@ -1,0 +1,198 @@
+"""`ctseg predict`: segment every case of an input and write one NIfTI label map per case.
+
+INPUT is a DICOM series folder, a case folder in any layout `ctseg.data.discover_cases` knows,
+or a NIfTI file. Each case is read through `ctseg.io` (so its geometry is exactly what
+`ctseg convert` writes), segmented by `ctseg.infer.predictor.predict_volume` (the inference path
+training validated with), post-processed (`ctseg.infer.postprocess`) and written as
+`OUT_DIR/<case>.nii.gz` (uint8 labels, the CT's affine, original resolution). With
+probabilities on, `OUT_DIR/probabilities/<case>.nii.gz` holds the float32 foreground probability
+(binary models) or one volume per class (4D, class last).
+
+A case that fails is recorded and skipped; `OUT_DIR/predictions.csv` lists every case with its
+status, time, slices per second and foreground volume, rewritten after each case.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import gzip
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+
+from ctseg import distributed
+from ctseg.config import get
+from ctseg.data.cases import Case
+from ctseg.errors import CTSegError, DicomError
+from ctseg.infer.model_loader import LoadedModel
+from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.predictor import num_classes, predict_volume
+from ctseg.io import CTVolume, load_nifti, load_series, save_nifti
+from ctseg.utils import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CSV_NAME = "predictions.csv"
+CSV_COLUMNS = ("case", "status", "slices", "seconds", "slices_per_second", "foreground_ml",
+               "output", "error")
+
+
+@dataclass
+class CaseResult:
+    case: str
+    status: str  # "ok" or "failed"
+    slices: int = 0
+    seconds: float = 0.0
+    foreground_ml: float = 0.0
+    output: Path | None = None
+    error: str = ""
+
+    @property
+    def slices_per_second(self) -> float:
+        return self.slices / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def find_inputs(path: str | Path) -> list[Case]:
+    """The cases of INPUT: a NIfTI file is one case named after the file, a folder is searched."""
+    from ctseg.data import discover_cases
+
+    path = Path(path).resolve()
+    if path.is_file():
+        stem = nifti_stem(path)
+        if stem is None:
+            raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
+                             "series as its folder")
+        return [Case(stem, path)]
+    if not path.exists():
+        raise DicomError(f"{path}: no such file or folder")
+    return discover_cases(path)
+
+
+def nifti_stem(path: Path) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def load_volume(image: Path) -> CTVolume:
+    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
+    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image)
+
+
+def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
+    """`output_dir/<case><suffix>`, refused when the case name would leave `output_dir`."""
+    if case in ("", ".", "..") or any(c in case for c in ("/", "\\", "\x00")):
+        raise CTSegError(f"case name {case!r} cannot be used as a file name")
+    root = Path(output_dir).resolve()
+    path = (root / f"{case}{suffix}").resolve()
+    if path.parent != root:
+        raise CTSegError(f"case name {case!r} would write outside {root}")
+    return path
+
+
+def inference_config(config: dict, tta: bool | None = None) -> dict:
+    """The model's config with the command line's TTA choice applied (None keeps the model's).
+
+    `tta=True` keeps the model's own flip axes when it has some, else flips the axes training
+    augmented (`augment.flip.axes`), else left-right: only flips the network has learned to see.
+    """
+    config = copy.deepcopy(config)
+    if tta is None:
+        return config
+    infer = config.setdefault("infer", {})
+    if not tta:
+        infer["tta"] = []
+    elif not infer.get("tta"):
+        flip = get(config, "augment.flip", {}) or {}
+        infer["tta"] = list(flip.get("axes", [1])) if float(flip.get("prob", 0.0)) > 0 else [1]
+    return config
+
+
+def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
+                  tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
+                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
+
+    Under torchrun each rank segments its share of the cases (every case exactly once); the
+    results are gathered so every rank returns all of them, and rank 0 writes the CSV.
+    """
+    output_dir = Path(output_dir)
+    cases = find_inputs(input_path)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = inference_config(loaded.config, tta)
+    classes = num_classes(config)
+    steps = postprocess_steps(config, classes) if postprocess else []
+    device = next(loaded.model.parameters()).device
+    log.info("predicting %d case(s) on %s (tta axes %s, post-processing %s)", len(cases), device,
+             get(config, "infer.tta", []) or "off", [name for name, _ in steps] or "off")
+    results: list[CaseResult] = []
+    for case in distributed.shard(cases):
+        start = time.perf_counter()
+        try:
+            labels_path = output_path(output_dir, case.name)
+            volume = load_volume(case.image)
+            labels, probs = predict_volume(loaded.model, volume.array, config, device)
+            if probabilities:
+                save_probabilities(probs, volume.affine, output_path(output_dir / "probabilities", case.name))
+            del probs  # (classes, z, y, x) float32: the largest array of a case
+            labels = postprocess_labels(labels, steps)
+            save_nifti(labels, volume.affine, labels_path, kind="label")
+            voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+            result = CaseResult(case.name, "ok", slices=int(labels.shape[0]),
+                                seconds=time.perf_counter() - start,
+                                foreground_ml=float(np.count_nonzero(labels)) * voxel_ml,
+                                output=labels_path)
+        except Exception as exc:  # one bad case must not stop the others; the CSV records why
+            if not isinstance(exc, CTSegError):
+                log.exception("case %s failed unexpectedly", case.name)
+            result = CaseResult(case.name, "failed", seconds=time.perf_counter() - start,
+                                error=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        if distributed.world_size() == 1:
+            write_csv(results, output_dir / CSV_NAME)
+        if on_result is not None:
+            on_result(result)
+    if distributed.world_size() > 1:
+        results = distributed.unshard(distributed.all_gather(results))
+        if distributed.is_main():
+            write_csv(results, output_dir / CSV_NAME)
+    return results
+
+
+def save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Class probabilities (C, z, y, x) as float32 NIfTI on the CT's grid: binary models store the
+    foreground only (3D), others one volume per class (4D, class last)."""
+    data = probs[1].transpose(2, 1, 0) if probs.shape[0] == 2 else probs.transpose(3, 2, 1, 0)
+    affine = np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(np.ascontiguousarray(data, dtype=np.float32), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:  # bytes, as nibabel infers compression from the temp name
+        tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+    return path
+
+
+def write_csv(results: list[CaseResult], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        writer.writerow({"case": r.case, "status": r.status, "slices": r.slices,
+                         "seconds": f"{r.seconds:.3f}", "slices_per_second": f"{r.slices_per_second:.2f}",
+                         "foreground_ml": f"{r.foreground_ml:.2f}",
+                         "output": r.output.name if r.output else "", "error": r.error})
+    atomic_write_text(path, buffer.getvalue())

@@ -1,0 +1,103 @@
+"""The one slice-wise inference path: HU volume in, labels and probabilities at original resolution out.
+
+Training validation and `ctseg predict` both call `predict_volume`, so the Dice logged during
+training is measured through exactly the code users run. Preprocessing is read from the model's
+config (the same `ctseg.transforms.preprocess_transforms` the training cache used), never
+re-typed: HU window to [0, 1], resize every slice to `data.size`, stack `data.context` neighbours as
+channels, run the 2D network over all slices with MONAI's `SlidingWindowInferer` (2D ROI = the
+training size, `infer.batch_size` slices per forward pass), optionally average flipped copies
+(`infer.tta`: list of flip axes, 0 = rows, 1 = columns), and resize the class probabilities
+back to the original (y, x) before thresholding, so boundaries are placed at sub-pixel precision
+rather than by up-sampling a coarse label map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Resize
+from monai.utils import convert_to_tensor
+
+from ctseg.config import get
+from ctseg.data.dataset import context_slices, stack_context
+from ctseg.errors import ModelError
+from ctseg.transforms import num_classes, output_channels, preprocess_transforms, training_size
+
+__all__ = ["num_classes", "output_channels", "predict_volume", "preprocess_volume"]
+
+
+def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.Tensor:
+    """(z, y, x) HU -> (z, k, H, W) network input, exactly as training saw its slices."""
+    if isinstance(hu_zyx, torch.Tensor):
+        hu = hu_zyx.detach().to("cpu", torch.float32)
+    else:  # a copy: cached volumes are read-only memory maps
+        hu = torch.from_numpy(np.array(hu_zyx, dtype=np.float32))
+    if hu.ndim != 3:
+        raise ModelError(f"expected a (z, y, x) volume, got shape {tuple(hu.shape)}")
+    sample = preprocess_transforms(config, ("image",))({"image": hu})
+    image = convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False)
+    return stack_context(image, context_slices(config))
+
+
+@torch.inference_mode()
+def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, config: dict,
+                   device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Segment a (z, y, x) HU volume slice by slice.
+
+    Returns `labels` (z, y, x) uint8 and `probabilities` (num_classes, z, y, x) float32 (for a
+    binary model: background, foreground), both at the input's resolution.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    inputs = preprocess_volume(hu_zyx, config)
+    depth, rows, cols = tuple(hu_zyx.shape)
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and expected != inputs.shape[1]:
+        raise ModelError(f"the model takes {expected} input channel(s) but the config gives "
+                         f"{inputs.shape[1]} (data.context)")
+    cuda = device.type == "cuda"
+    amp = cuda and bool(get(config, "train.amp", True))
+    inferer = SlidingWindowInferer(roi_size=training_size(config),
+                                   sw_batch_size=int(get(config, "infer.batch_size", 16)),
+                                   overlap=0.0, sw_device=device, device=torch.device("cpu"))
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+        return _activate(logits.float(), config)
+
+    was_training = model.training
+    model.eval()
+    try:
+        flips = [int(a) for a in (get(config, "infer.tta", []) or [])]
+        probs = inferer(inputs, network)
+        for axis in flips:
+            dims = (2 + axis,)
+            probs = probs + inferer(inputs.flip(dims), network).flip(dims)
+        probs = probs / (1 + len(flips))
+    finally:
+        model.train(was_training)
+
+    # (z, C, H, W) -> (C*z, y, x) at the original in-plane size, then back to (C, z, y, x).
+    channels = probs.shape[1]
+    probs = probs.permute(1, 0, 2, 3).reshape(channels * depth, *probs.shape[2:])
+    probs = Resize(spatial_size=(rows, cols), mode="bilinear")(probs)
+    probs = convert_to_tensor(probs, track_meta=False).reshape(channels, depth, rows, cols)
+    if channels == 1:
+        foreground = probs[0].clamp_(0.0, 1.0)
+        labels = (foreground >= float(get(config, "infer.threshold", 0.5))).to(torch.uint8)
+        probs = torch.stack([1.0 - foreground, foreground])
+    else:
+        labels = probs.argmax(dim=0).to(torch.uint8)
+    return labels.numpy(), probs.numpy().astype(np.float32, copy=False)
+
+
+def _activate(logits: torch.Tensor, config: dict) -> torch.Tensor:
+    if logits.shape[1] != output_channels(config):
+        raise ModelError(f"the model gives {logits.shape[1]} output channel(s) but data.num_classes="
+                         f"{num_classes(config)} needs {output_channels(config)}")
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)

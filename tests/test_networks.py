@@ -1,0 +1,268 @@
+"""The network family: fidelity counts, shapes, gradients, learning, MONAI and export compatibility.
+
+Everything runs on tiny widths (8, 16, 32) and small slices so the file stays fast on shared CPUs;
+only the parameter-count tests build full-width networks, and they never run them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.inferers import SliceInferer, SlidingWindowInferer
+from monai.losses import DiceCELoss
+from torch import nn
+
+from ctseg.errors import ConfigError, ModelError
+from ctseg.networks import build_network, list_networks
+from ctseg.networks.attention import ResidualAttention
+from ctseg.networks.blocks import DoubleConv, conv3x3
+from ctseg.networks.cie import CIE
+from ctseg.networks.conv_module import ConvModule
+from ctseg.networks.mfe import MFE, branch_widths
+from ctseg.networks.spconv import SPConv
+
+NAMES = ["unet", "unet_spconv", "unet_ra", "unet_mcnet"]
+TINY = (8, 16, 32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on shared cores OpenMP threads that
+    wait for each other slow these tests down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def tiny(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return build_network(name, in_channels, out_channels, features=TINY)
+
+
+def test_registry_names() -> None:
+    assert list_networks() == NAMES
+
+
+# --- fidelity counts -------------------------------------------------------------------------
+
+def test_unet_parameter_count_matches_study() -> None:
+    assert n_params(build_network("unet", 3, 1, features=(64, 128, 256, 512))) == 31_037_633
+    assert n_params(build_network("unet", 3, 1)) == 31_037_633  # the default features
+
+
+def test_spconv_parameter_count() -> None:
+    assert n_params(SPConv(64, 64)) == 13_632
+    assert n_params(conv3x3(64, 64)) == 36_864
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_name_builds_at_full_width(name: str) -> None:
+    model = build_network(name, 1, 1)
+    assert n_params(model) > 1_000_000
+
+
+# --- blocks ----------------------------------------------------------------------------------
+
+def test_spconv_stride_two_halves_odd_sizes_like_a_strided_conv() -> None:
+    x = torch.randn(2, 8, 15, 12)
+    out = SPConv(8, 12, stride=2).eval()(x)
+    assert out.shape == nn.Conv2d(8, 12, 3, stride=2, padding=1)(x).shape == (2, 12, 8, 6)
+
+
+def test_spconv_fuses_branches_with_softmax_weights() -> None:
+    torch.manual_seed(0)
+    spconv = SPConv(8, 4).eval()
+    x = torch.randn(1, 8, 6, 6)
+    rep = spconv.bn_rep(spconv.gwc(x[:, :4]) + spconv.pwc(x[:, :4]))
+    red = spconv.bn_red(spconv.conv1x1(x[:, 4:]))
+    beta = torch.sigmoid(rep.mean((2, 3)) - red.mean((2, 3)))[..., None, None]
+    torch.testing.assert_close(spconv(x), beta * rep + (1 - beta) * red)
+
+
+@pytest.mark.parametrize("in_channels, out_channels, alpha, message", [
+    (6, 8, 0.5, "must be even"),        # representative part 3: odd
+    (2, 8, 0.5, "must be even and >= 2"),  # representative part 1
+    (8, 7, 0.5, "C_out = 7 must be even"),
+    (8, 8, 1.0, "alpha must lie strictly between 0 and 1"),
+    (8, 8, 0.0, "alpha must lie strictly between 0 and 1"),
+])
+def test_spconv_constraints_raise_config_error(in_channels: int, out_channels: int, alpha: float,
+                                               message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SPConv(in_channels, out_channels, alpha=alpha)
+
+
+def test_unet_spconv_refuses_widths_spconv_cannot_split() -> None:
+    with pytest.raises(ConfigError, match=r"unet_spconv: SPConv\(6 -> 6.*must be even"):
+        build_network("unet_spconv", 1, 1, features=(6, 12))
+
+
+def test_unet_spconv_lifts_the_slice_with_a_plain_conv() -> None:
+    model = build_network("unet_spconv", 1, 1, features=TINY)
+    first = model.encoder[0].block
+    assert isinstance(first[0], nn.Conv2d) and isinstance(first[3], SPConv)
+    assert sum(isinstance(m, SPConv) for m in model.modules()) == 2 * (2 * len(TINY) + 1) - 1
+
+
+def test_mfe_branch_widths_and_lift() -> None:
+    assert branch_widths(8) == (2, 1, 4, 1)
+    assert branch_widths(64) == (16, 8, 32, 8)
+    assert sum(branch_widths(12)) == 12
+    mfe = MFE(4)  # lifted to 8 inside, back to 4 for the residual add
+    assert mfe.branch4[0][0].in_channels == 8
+    assert mfe(torch.randn(2, 4, 9, 7)).shape == (2, 4, 9, 7)
+    assert isinstance(MFE(16).lift, nn.Identity)
+
+
+def test_cie_keeps_shape_with_dilated_branches() -> None:
+    cie = CIE(4)
+    assert [b[0].dilation for b in cie.branches] == [(2, 2), (6, 6), (10, 10)]
+    assert cie(torch.randn(2, 4, 11, 13)).shape == (2, 4, 11, 13)
+
+
+def test_conv_module_changes_width_like_double_conv() -> None:
+    block = ConvModule(4, 8)
+    assert [type(m) for m in block.children()] == [CIE, DoubleConv, MFE]
+    assert block(torch.randn(2, 4, 10, 10)).shape == (2, 8, 10, 10)
+
+
+def test_residual_attention_only_amplifies_the_skip() -> None:
+    gate = ResidualAttention(8, 16).eval()
+    assert gate.project_x[0].out_channels == 4  # C_int = C_x / 2
+    x = torch.rand(1, 8, 9, 7) + 0.1
+    out = gate(x, torch.randn(1, 16, 4, 3))
+    assert out.shape == x.shape
+    assert torch.all(out > x) and torch.all(out < 2 * x)  # x * (1 + alpha), alpha in (0, 1)
+
+
+# --- registry errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="vnet"), "unknown network 'vnet'"),
+    (dict(name="unet", alpha=0.5), r"unet: unknown option\(s\) alpha \(accepted: none\)"),
+    (dict(name="unet_ra", dropout=0.1), r"accepted: attention_ratio"),
+    (dict(name="unet_spconv", alpha="half"), "option alpha must be a number"),
+    (dict(name="unet", features=[]), "features must be a non-empty list"),
+    (dict(name="unet", features="64,128"), "features must be a non-empty list"),
+    (dict(name="unet", features=[8, 0]), r"features\[1\] must be a positive integer"),
+    (dict(name="unet", features=[8, 16.5]), r"features\[1\] must be a positive integer"),
+    (dict(name="unet", in_channels=True), "in_channels must be a positive integer"),
+    (dict(name="unet", out_channels=0), "out_channels must be a positive integer"),
+    (dict(name="unet_ra", attention_ratio=0), "ratio must be > 0"),
+])
+def test_build_network_refuses_bad_arguments(kwargs: dict, message: str) -> None:
+    args = dict(in_channels=1, out_channels=1, features=TINY) | kwargs
+    with pytest.raises(ConfigError, match=message):
+        build_network(**args)
+
+
+def test_build_network_accepts_yaml_style_values() -> None:
+    model = build_network("unet_spconv", "1", 2.0, features=[8.0, "16"], alpha="0.5")
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+
+
+def test_too_small_input_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match="needs H, W >= 8"):
+        tiny("unet").eval()(torch.randn(1, 1, 7, 32))
+
+
+# --- every network ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_odd_input_gives_output_of_input_size(name: str) -> None:
+    model = tiny(name, in_channels=1, out_channels=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 97, 83)).shape == (1, 2, 97, 83)
+        assert tiny(name, in_channels=3).eval()(torch.randn(2, 3, 33, 40)).shape == (2, 2, 33, 40)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    model = tiny(name).train()
+    (model(torch.randn(2, 1, 35, 33)) ** 2).mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_mode_is_deterministic(name: str) -> None:
+    model = tiny(name).eval()
+    x = torch.randn(2, 1, 40, 36)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def synthetic_batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy bright discs on a dark background: image (n,1,size,size), label (n,1,size,size)."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    labels = []
+    for _ in range(n):
+        cy, cx = torch.randint(8, size - 8, (2,), generator=g)
+        r = torch.randint(4, 8, (1,), generator=g)
+        labels.append((((yy - cy) ** 2 + (xx - cx) ** 2) <= r**2).float())
+    label = torch.stack(labels)[:, None]
+    return label + 0.3 * torch.randn(label.shape, generator=g), label
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_network_learns_a_fixed_batch(name: str) -> None:
+    image, label = synthetic_batch()
+    model = tiny(name, out_channels=1).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = DiceCELoss(sigmoid=True)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = loss_fn(model(image), label)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_works_inside_monai_inferers(name: str) -> None:
+    model = tiny(name).eval()
+    sliding = SlidingWindowInferer(roi_size=(32, 32), sw_batch_size=2, overlap=0.25)
+    slices = SliceInferer(roi_size=(32, 32), spatial_dim=0, sw_batch_size=2, overlap=0.25)
+    with torch.no_grad():
+        assert sliding(torch.randn(1, 1, 50, 45), model).shape == (1, 2, 50, 45)
+        assert slices(torch.randn(1, 1, 3, 40, 36), model).shape == (1, 2, 3, 40, 36)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builds_from_a_monai_bundle_config(name: str) -> None:
+    parser = ConfigParser({"network_def": {
+        "_target_": "ctseg.networks.build_network", "name": name, "in_channels": 1,
+        "out_channels": 2, "features": list(TINY)}})
+    model = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 24, 24)).shape == (1, 2, 24, 24)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_traces_scripts_and_exports(name: str) -> None:
+    """TorchScript (traced or scripted) runs without ctseg installed, e.g. as a bundle's model.ts;
+    a trace keeps the size arithmetic, so it also runs on odd sizes it was not traced with."""
+    model = tiny(name).eval()
+    x, odd = torch.randn(1, 1, 48, 40), torch.randn(2, 1, 41, 37)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and jit deprecation warnings
+        traced = torch.jit.trace(model, x)
+        scripted = torch.jit.script(model)
+        for inp in (x, odd):
+            expected = model(inp)
+            torch.testing.assert_close(traced(inp), expected)
+            torch.testing.assert_close(scripted(inp), expected)
+        exported = torch.export.export(model, (odd,))
+        torch.testing.assert_close(exported.module()(odd), model(odd))
