@@ -107,10 +107,11 @@ def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> flo
     a whole batch per timing also keeps a scheduler stall on a shared CPU from dominating. On
     CUDA with the settings inference uses there (channels_last, fp16 autocast with train.amp).
     """
+    from ctseg.infer.predictor import inference_batch_size
     from ctseg.transforms import training_size
 
     cuda = device.type == "cuda"
-    batch = int(get(run.config, "infer.batch_size", 16))
+    batch = inference_batch_size(run.config, device)
     x = torch.randn(batch, int(run.network["in_channels"]), *training_size(run.config), device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -40,7 +40,8 @@ DEFAULTS: dict = {
         "sync_bn": False,           # torchrun on GPUs: BatchNorm statistics over all ranks
     },
     "augment": {},
-    "infer": {"batch_size": 16, "threshold": 0.5, "tta": []},
+    "infer": {"batch_size": "auto",  # slices per forward pass; auto: 4 on CPU, 32 on CUDA
+              "threshold": 0.5, "tta": []},
     "tracking": {"enabled": True, "uri": None, "experiment": "ctseg"},
 }
 
