@@ -89,6 +89,7 @@ def child(args: argparse.Namespace) -> None:
         from monai.inferers import SliceInferer
         from monai.transforms import AsDiscrete, Compose, LoadImage, Resize, SaveImage, ScaleIntensityRange
 
+        from ctseg.infer.predictor import inference_batch_size
         from ctseg.transforms import hu_window, training_size
 
         target = sum(p.numel() for p in loaded.model.parameters())
@@ -100,7 +101,8 @@ def child(args: argparse.Namespace) -> None:
         load = LoadImage(reader="PydicomReader", image_only=True, ensure_channel_first=True)
         pre = Compose([ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
                        Resize(spatial_size=(*size, -1), mode="bilinear", anti_aliasing=True)])
-        inferer = SliceInferer(roi_size=size, sw_batch_size=int(config["infer"]["batch_size"]), spatial_dim=2)
+        inferer = SliceInferer(roi_size=size, spatial_dim=2,  # same batch as ctseg
+                               sw_batch_size=inference_batch_size(config, torch.device("cpu")))
         threshold = AsDiscrete(threshold=float(config["infer"].get("threshold", 0.5)))
         save = SaveImage(output_dir=str(out), output_postfix="", output_ext=".nii.gz", separate_folder=False,
                          resample=False, output_dtype=np.uint8, print_log=False)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ctseg.errors import ModelError
-from ctseg.infer.predictor import predict_volume, preprocess_volume
+from ctseg.infer.predictor import inference_batch_size, predict_volume, preprocess_volume
 from ctseg.networks import build_network
 
 
@@ -77,3 +77,18 @@ def test_multiclass_softmax_argmax_with_a_registry_network():
         predict_volume(model, _volume(), CONFIG)
     with pytest.raises(ModelError, match="z, y, x"):
         predict_volume(model, _volume()[0], config)
+
+
+def test_auto_batch_size_depends_on_the_device_and_bad_values_are_refused():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert inference_batch_size({"infer": {"batch_size": "auto"}}, cpu) == 4
+    assert inference_batch_size({}, cuda) == 32
+    assert inference_batch_size({"infer": {"batch_size": 7}}, cpu) == 7
+    for bad in (0, -2, 2.5, "many", True):
+        with pytest.raises(ModelError, match="infer.batch_size"):
+            inference_batch_size({"infer": {"batch_size": bad}}, cpu)
+    # Same labels whatever the batch: the batch only groups slices.
+    model = WindowThreshold()
+    by_two = predict_volume(model, _volume(), {**CONFIG, "infer": {"batch_size": 2}}, "cpu")[0]
+    auto = predict_volume(model, _volume(), {**CONFIG, "infer": {"batch_size": "auto"}}, "cpu")[0]
+    np.testing.assert_array_equal(by_two, auto)
