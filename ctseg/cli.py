@@ -18,7 +18,7 @@ from ctseg.errors import CTSegError
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ctseg.io import load_series, save_nifti
 
-    volume = load_series(args.dicom_dir, series_uid=args.series)
+    volume = load_series(args.dicom_dir, series=args.series)
     save_nifti(volume.array, volume.affine, args.output)
     print(f"wrote {args.output}: {volume.shape[0]} slices, spacing (z,y,x) "
           f"{tuple(round(s, 3) for s in volume.spacing)} mm, ordered by {volume.metadata.get('order_key')}")
