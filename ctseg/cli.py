@@ -25,6 +25,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_series(args: argparse.Namespace) -> int:
+    from ctseg.io.dicom import scan_series
+
+    found = scan_series(args.dicom_dir)
+    print(f"{'index':>5}  {'series':<13} {'modality':<8} {'slices':>6}  {'spacing z,y,x mm':<18} "
+          f"{'usable':<6}  description / why not usable")
+    for info in found:
+        spacing = ",".join(f"{s:.3g}" for s in info.spacing) if info.spacing else "?"
+        why = info.problem or info.description or "(no description)"
+        print(f"{info.index:>5}  {info.masked_uid:<13} {info.modality or '?':<8} {info.slices:>6}  "
+              f"{spacing:<18} {'yes' if info.usable else 'no':<6}  {why}")
+    return 0
+
+
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from ctseg.data.phantom import write_phantom_dataset
 
@@ -160,7 +174,7 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 
     results = predict_cases(loaded, args.input, args.output, tta=args.tta,
                             postprocess=args.postprocess, probabilities=args.probabilities,
-                            on_result=report)
+                            on_result=report, series=args.series)
     failed = [r.case for r in results if not r.ok]
     if main:
         print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
@@ -186,8 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="one DICOM series to NIfTI (HU, int16)")
     p.add_argument("dicom_dir", type=Path)
     p.add_argument("output", type=Path)
-    p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read (UID, masked UID or index from `ctseg series`); default: "
+                        "the CT series with the most slices")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("series", help="list the image series of a DICOM folder (no identifiers)")
+    p.add_argument("dicom_dir", type=Path)
+    p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("phantom", help="write the synthetic CT phantom dataset as real DICOM")
     p.add_argument("out_dir", type=Path)
@@ -263,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write float32 probability maps to OUTPUT/probabilities/")
     p.add_argument("--trust-bundle", action="store_true",
                    help="evaluate a bundle's config with MONAI's parser (runs its code)")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read from each DICOM case (as `ctseg series` lists them); "
+                        "default: the CT series with the most slices")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-bundle", help="a trained run as a complete MONAI bundle")

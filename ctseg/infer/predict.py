@@ -87,9 +87,10 @@ def nifti_stem(path: Path) -> str | None:
     return None
 
 
-def load_volume(image: Path) -> CTVolume:
-    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
-    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image)
+def load_volume(image: Path, series: str | None = None) -> CTVolume:
+    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM
+    (`series` chooses among several series, as `ctseg series` lists them)."""
+    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image, series)
 
 
 def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
@@ -123,7 +124,8 @@ def inference_config(config: dict, tta: bool | None = None) -> dict:
 
 def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
-                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                  on_result: Callable[[CaseResult], None] | None = None,
+                  series: str | None = None) -> list[CaseResult]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
     Under torchrun each rank segments its share of the cases (every case exactly once); the
@@ -143,7 +145,7 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
         start = time.perf_counter()
         try:
             labels_path = output_path(output_dir, case.name)
-            volume = load_volume(case.image)
+            volume = load_volume(case.image, series)
             labels, probs = predict_volume(loaded.model, volume.array, config, device)
             if probabilities:
                 save_probabilities(probs, volume.affine, output_path(output_dir / "probabilities", case.name))

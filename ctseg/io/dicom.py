@@ -238,11 +238,11 @@ def scan_series(path: str | Path) -> list[SeriesInfo]:
     # orientation or size, or several? Neither is read without the user saying which.
     acquisitions: dict[tuple, int] = defaultdict(int)
     for g in ordered:
-        acquisitions[g[0].group_key[:8]] += 1
+        acquisitions[g[0].acquisition_key] += 1
     found = []
     for index, group in enumerate(ordered, start=1):
         spacing, problem = _assess(group, root)
-        if acquisitions[group[0].group_key[:8]] > 1:
+        if acquisitions[group[0].acquisition_key] > 1:
             problem = ("files without SeriesInstanceUID share this description and acquisition "
                        "but differ in orientation, size or pixel spacing (mixed geometry?)")
         found.append(SeriesInfo(index, group, spacing, problem))

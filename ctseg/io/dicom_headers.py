@@ -155,14 +155,20 @@ class SliceHeader:
         return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
 
     @property
-    def group_key(self) -> tuple:
-        """What puts files in one series: the UID, or without one the acquisition and geometry."""
+    def acquisition_key(self) -> tuple:
+        """The series UID, or without one what an anonymiser leaves of the acquisition."""
         if self.series_uid:
             return ("uid", self.series_uid)
-        geometry = tuple(np.round(self.orientation or (), 3)), self.rows, self.cols, \
-            tuple(np.round(self.pixel_spacing or (), 3))
         return ("blank", self.study_uid, self.study_description, self.description,
-                self.series_number, self.acquisition_number, self.modality, *geometry)
+                self.series_number, self.acquisition_number, self.modality)
+
+    @property
+    def group_key(self) -> tuple:
+        """What puts files in one series: the UID, or without one acquisition and geometry."""
+        if self.series_uid:
+            return self.acquisition_key
+        return (*self.acquisition_key, tuple(np.round(self.orientation or (), 3)), self.rows,
+                self.cols, tuple(np.round(self.pixel_spacing or (), 3)))
 
 
 @dataclass
