@@ -16,9 +16,9 @@ from ctseg.errors import CTSegError
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ctseg.io import load_series, save_nifti
+    from ctseg.io import load_image, save_nifti
 
-    volume = load_series(args.dicom_dir, series=args.series)
+    volume = load_image(args.dicom_dir, series=args.series)
     save_nifti(volume.array, volume.affine, args.output)
     print(f"wrote {args.output}: {volume.shape[0]} slices, spacing (z,y,x) "
           f"{tuple(round(s, 3) for s in volume.spacing)} mm, ordered by {volume.metadata.get('order_key')}")
@@ -197,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="one DICOM series to NIfTI (HU, int16)")
-    p.add_argument("dicom_dir", type=Path)
+    p = sub.add_parser("convert", help="one DICOM series (or NRRD, MHA/MHD, multi-frame DICOM) to "
+                                       "NIfTI (HU, int16)")
+    p.add_argument("dicom_dir", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path)
     p.add_argument("--series", default=None, metavar="UID|INDEX",
                    help="series to read (UID, masked UID or index from `ctseg series`); default: "
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
     p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
     p.add_argument("--input", type=Path, required=True,
-                   help="DICOM series folder, case folder (any layout) or NIfTI file")
+                   help="DICOM series folder, case folder (any layout), or an image file: "
+                        "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
     p.add_argument("--output", type=Path, required=True, help="folder for <case>.nii.gz and predictions.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

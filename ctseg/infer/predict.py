@@ -34,12 +34,12 @@ from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import num_classes, predict_volume
-from ctseg.io import CTVolume, load_nifti, load_series, save_nifti
+from ctseg.io import CTVolume, load_image, save_nifti
+from ctseg.io.formats import image_stem
 from ctseg.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "status", "slices", "seconds", "slices_per_second", "foreground_ml",
                "output", "error")
@@ -65,32 +65,21 @@ class CaseResult:
 
 
 def find_inputs(path: str | Path) -> list[Case]:
-    """The cases of INPUT: a NIfTI file is one case named after the file, a folder is searched."""
+    """The cases of INPUT: an image file is one case named after the file, a folder is searched."""
     from ctseg.data import discover_cases
 
     path = Path(path).resolve()
-    if path.is_file():
-        stem = nifti_stem(path)
-        if stem is None:
-            raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
-                             "series as its folder")
-        return [Case(stem, path)]
+    if path.is_file():  # NIfTI, NRRD, MHA/MHD, or a DICOM file (multi-frame or one slice)
+        return [Case(image_stem(path) or path.stem, path)]
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder")
     return discover_cases(path)
 
 
-def nifti_stem(path: Path) -> str | None:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def load_volume(image: Path, series: str | None = None) -> CTVolume:
-    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM
-    (`series` chooses among several series, as `ctseg series` lists them)."""
-    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image, series)
+    """A case image as a CT volume in any input format (`series` chooses among several DICOM
+    series, as `ctseg series` lists them)."""
+    return load_image(image, series)
 
 
 def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom
@@ -117,13 +118,22 @@ def load_series(path: str | Path, series: str | int | None = None) -> CTVolume:
         log.warning("%s: series identified without a SeriesInstanceUID (blanked by an "
                     "anonymiser?), from its descriptions, acquisition number and geometry",
                     _name(root))
-    ordered, positions, order_key = _order(chosen.headers, root)
+    return assemble(chosen.headers, root, _read_hu)
+
+
+def assemble(headers: list[SliceHeader], root: Path,
+             read_hu: Callable[[list[SliceHeader]], np.ndarray]) -> CTVolume:
+    """Order, check and stack slices (files, or frames of a multi-frame file) into a volume.
+
+    `read_hu` returns the HU of the slices it is given, in that order, as (z, y, x) float32.
+    """
+    ordered, positions, order_key = _order(headers, root)
     _check_consistent(ordered, root)
     error = max(h.orientation_error for h in ordered)
     if error > ORIENTATION_WARN:
         log.warning("%s: ImageOrientationPatient direction cosines are off unit length by up to "
                     "%.2g; normalised", _name(root), error)
-    hu = _read_hu(ordered)
+    hu = read_hu(ordered)
     ordered, hu, positions = _drop_duplicates(ordered, hu, positions, root)
     affine, spacing = _geometry(ordered, positions, order_key, root)
     first = ordered[0]

@@ -514,8 +514,8 @@ def _slice_header(path: Path, raw: RawHeader, fp, size: int, magic: bool) -> Sli
         return "localizer (scout) image"
     if sop_class in _ENHANCED_SOP_CLASSES:
         raise DicomError(f"{show_path(path)}: {_ENHANCED_SOP_CLASSES[sop_class]} Image Storage (multi-frame, "
-                         "geometry per frame) is not supported; export the series as one CT "
-                         "image file per slice")
+                         "geometry per frame) is not read as part of a folder; give the file "
+                         "itself as the input, or export the series as one CT image file per slice")
     if raw.pixel_pos is None:
         if v.int("Rows") or sop_class in _VOLUME_IMAGE_SOP_CLASSES:
             raise DicomError(f"{show_path(path)}: image header but no pixel data (truncated file?)")
