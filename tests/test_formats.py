@@ -8,6 +8,7 @@ file; `ctseg convert` and case discovery take them like DICOM folders.
 from __future__ import annotations
 
 import copy
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +23,7 @@ from ctseg.cli import main
 from ctseg.data import discover_cases
 from ctseg.errors import CTSegError, DicomError
 from ctseg.io import load_image, load_series, save_nifti
+from ctseg.io.dicom import scan_series
 from ctseg.io.formats import image_stem
 
 OBLIQUE = (1, 0, 0, 0, 0.8660254, -0.5)
@@ -164,3 +166,33 @@ def test_convert_and_case_discovery_take_the_new_formats(series, tmp_path, capsy
     np.testing.assert_array_equal(np.asarray(converted.dataobj).transpose(2, 1, 0), dicom.array)
     np.testing.assert_allclose(converted.affine, dicom.affine, atol=1e-4)
     assert image_stem(cases / "a.nrrd") == "a" and image_stem(paths[0]) is None
+
+
+def test_predict_takes_nrrd_input_and_a_series_choice(tmp_path_factory, phantom_dir, tmp_path):
+    from infer_helpers import tiny_run
+
+    run = tiny_run(tmp_path_factory, phantom_dir)
+    images = phantom_dir / "Images"
+    reference = tmp_path / "reference"
+    assert main(["predict", "--model", str(run), "--input", str(images / "Phantom_001"),
+                 "--output", str(reference), "--device", "cpu"]) == 0
+    nrrd = tmp_path / "Phantom_001.nrrd"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(images / "Phantom_001")))
+    sitk.WriteImage(sitk.Cast(reader.Execute(), sitk.sitkInt16), str(nrrd))
+    study = tmp_path / "study"  # one case folder, two series of 16 slices: no automatic choice
+    study.mkdir()
+    for prefix, case in (("a", "Phantom_000"), ("b", "Phantom_001")):
+        for path in (images / case).iterdir():
+            shutil.copy(path, study / f"{prefix}_{path.name}")
+    assert main(["predict", "--model", str(run), "--input", str(study), "--output",
+                 str(tmp_path / "unchosen"), "--device", "cpu"]) == 1
+    index = next(i.index for i in scan_series(study) if i.headers[0].path.name.startswith("b_"))
+    for source, out, extra in ((nrrd, tmp_path / "from_nrrd", []),
+                               (study, tmp_path / "chosen", ["--series", str(index)])):
+        assert main(["predict", "--model", str(run), "--input", str(source), "--output", str(out),
+                     "--device", "cpu", *extra]) == 0
+        got = nib.load(next(out.glob("*.nii.gz")))
+        want = nib.load(reference / "Phantom_001.nii.gz")
+        np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+        np.testing.assert_allclose(got.affine, want.affine, atol=1e-4)

@@ -141,10 +141,12 @@ def cache_cases(cases: Iterable[CaseLike], config: dict,
 
 
 def load_case_volume(case: CaseLike):
-    """Read a case's image as a CTVolume, whatever its format (`ctseg.io.load_image`)."""
-    from ctseg.io import load_image
+    """Read a case's image as a CTVolume: a DICOM series folder, or an image file in any
+    format `ctseg.io.load_image` reads."""
+    from ctseg.io import load_image, load_series
 
-    return load_image(case.image)
+    image = Path(case.image)
+    return load_series(image) if image.is_dir() else load_image(image)
 
 
 def _write_source(case: CaseLike, entry: Path) -> None:

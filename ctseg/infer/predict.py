@@ -35,7 +35,7 @@ from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import num_classes, predict_volume
 from ctseg.io import CTVolume, load_image, save_nifti
-from ctseg.io.formats import image_stem
+from ctseg.io.formats import image_stem, is_image_file
 from ctseg.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ def find_inputs(path: str | Path) -> list[Case]:
 
     path = Path(path).resolve()
     if path.is_file():  # NIfTI, NRRD, MHA/MHD, or a DICOM file (multi-frame or one slice)
+        if not is_image_file(path):
+            raise DicomError(f"{path}: a file input must be an image (NIfTI, NRRD, MHA/MHD or a "
+                             "DICOM file); give a DICOM series as its folder")
         return [Case(image_stem(path) or path.stem, path)]
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder")

@@ -36,6 +36,17 @@ def image_stem(path: str | Path) -> str | None:
     return name[: -len(suffix)] if suffix else None
 
 
+def is_image_file(path: str | Path) -> bool:
+    """An image file name (NIfTI, NRRD, MetaImage), or a regular file with the DICOM preamble."""
+    if image_stem(path) is not None:
+        return True
+    try:
+        with open_regular(Path(path)) as fp:
+            return fp.read(132)[128:132] == b"DICM"
+    except CTSegError:
+        return False
+
+
 def load_image(path: str | Path, series: str | int | None = None) -> CTVolume:
     """A CT volume from a DICOM folder (`series` as in `load_series`), a NIfTI, NRRD or
     MetaImage file, a multi-frame (enhanced) CT DICOM file or a single DICOM slice."""
