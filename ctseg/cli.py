@@ -141,6 +141,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _output_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in ("nifti", "dicom-seg")]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown output format {', '.join(unknown) or text!r}; "
+                                         "choose from nifti, dicom-seg")
+    return formats
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from ctseg.evaluate.experiments import run_experiment
 
@@ -174,7 +183,7 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 
     results = predict_cases(loaded, args.input, args.output, tta=args.tta,
                             postprocess=args.postprocess, probabilities=args.probabilities,
-                            on_result=report, series=args.series)
+                            on_result=report, series=args.series, formats=args.formats)
     failed = [r.case for r in results if not r.ok]
     if main:
         print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
@@ -288,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, metavar="UID|INDEX",
                    help="series to read from each DICOM case (as `ctseg series` lists them); "
                         "default: the CT series with the most slices")
+    p.add_argument("--format", dest="formats", type=_output_formats, default=("nifti",),
+                   metavar="nifti[,dicom-seg]",
+                   help="outputs per case; NIfTI is always written, dicom-seg adds <case>.seg.dcm "
+                        "referencing the source series (it copies the patient's identifiers, as "
+                        "the standard requires)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-bundle", help="a trained run as a complete MONAI bundle")

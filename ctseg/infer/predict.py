@@ -35,6 +35,7 @@ from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import num_classes, predict_volume
 from ctseg.io import CTVolume, load_image, save_nifti
+from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.formats import image_stem, is_image_file
 from ctseg.utils import atomic_path, atomic_write_text
 
@@ -117,7 +118,8 @@ def inference_config(config: dict, tta: bool | None = None) -> dict:
 def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
                   on_result: Callable[[CaseResult], None] | None = None,
-                  series: str | None = None) -> list[CaseResult]:
+                  series: str | None = None,
+                  formats: tuple[str, ...] = ("nifti",)) -> list[CaseResult]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
     Under torchrun each rank segments its share of the cases (every case exactly once); the
@@ -144,6 +146,8 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
             del probs  # (classes, z, y, x) float32: the largest array of a case
             labels = postprocess_labels(labels, steps)
             save_nifti(labels, volume.affine, labels_path, kind="label")
+            if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
+                save_dicom_seg(labels, volume, output_path(output_dir, case.name, ".seg.dcm"))
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
             result = CaseResult(case.name, "ok", slices=int(labels.shape[0]),
                                 seconds=time.perf_counter() - start,
