@@ -174,3 +174,16 @@ def test_error_messages_mask_series_uids(write_series, stored):
     with pytest.raises(DicomError, match="mixed modalities") as err:
         load_series(paths[0].parent)
     assert uid not in str(err.value) and mask_uid(uid) in str(err.value)
+
+
+def test_a_larger_broken_series_is_skipped_with_a_warning(write_series, stored, tmp_path, caplog):
+    folder = tmp_path / "study"
+    small = write_series(stored[:4], folder / "small", series_uid="1.2.3.1")
+    big = np.concatenate([stored, stored])
+    positions = [(0, 0, 2.5 * k + (5 if k > 6 else 0)) for k in range(len(big))]  # a gap
+    write_series(big, folder / "big", series_uid="1.2.3.2", positions=positions)
+    with caplog.at_level(logging.WARNING, logger="ctseg.io"):
+        assert load_series(folder).files == small
+    assert "not reading the larger series" in caplog.text and "uneven slice spacing" in caplog.text
+    with pytest.raises(DicomError, match="uneven slice spacing"):
+        load_series(folder, series="1.2.3.2")

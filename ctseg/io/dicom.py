@@ -114,6 +114,10 @@ def load_series(path: str | Path, series: str | int | None = None) -> CTVolume:
     chosen = _choose(found, root, series)
     if len(found) > 1:
         log.info("%s: reading series %s", _name(root), chosen.summary())
+    if series is None:
+        for info in found:  # a broken main series must not go unnoticed behind a smaller one
+            if not info.usable and info.modality == "CT" and info.slices > chosen.slices:
+                log.warning("%s: not reading the larger series %s", _name(root), info.summary())
     if not chosen.uid:
         log.warning("%s: series identified without a SeriesInstanceUID (blanked by an "
                     "anonymiser?), from its descriptions, acquisition number and geometry",
