@@ -86,7 +86,8 @@ def _folder_layout(root: Path) -> list[Case]:
         elif _has_dicom_files(folder, recursive=True):
             cases.append(Case(folder.name, folder, _folder_mask(folder)))
         else:
-            log.info("skipped folder %s: no DICOM files or image file (image.nii.gz, .nrrd, .mha, .mhd) inside", folder.name)
+            log.info("skipped folder %s: no DICOM files or image file (image.nii.gz, .nrrd, "
+                     ".mha, .mhd) inside", folder.name)
     for path in sorted(root.iterdir()):
         name = image_stem(path)
         if name is None or name.endswith("_seg") or not path.is_file():

@@ -6,4 +6,5 @@ from ctseg.io.masks import load_mask
 from ctseg.io.nifti import load_nifti, save_nifti
 from ctseg.io.volume import CTVolume
 
-__all__ = ["CTVolume", "load_image", "load_mask", "load_nifti", "load_series", "save_nifti", "scan_series"]
+__all__ = ["CTVolume", "load_image", "load_mask", "load_nifti", "load_series", "save_nifti",
+           "scan_series"]

@@ -28,7 +28,8 @@ import numpy as np
 import pydicom
 
 from ctseg.errors import DicomError
-from ctseg.io.dicom_headers import ORIENTATION_WARN, SliceHeader, file_kind, open_regular, read_header
+from ctseg.io.dicom_headers import (ORIENTATION_WARN, SliceHeader, file_kind, open_regular,
+                                    read_header)
 from ctseg.io.memory import check_memory
 from ctseg.io.redact import mask_uid, show_path
 from ctseg.io.volume import CTVolume
@@ -168,7 +169,8 @@ def list_files(root: Path) -> list[Path]:
     seen_files: set[tuple[int, int]] = set()
 
     def unreadable(exc: OSError) -> None:
-        raise DicomError(f"{show_path(exc.filename)}: cannot list folder ({exc.strerror or exc})") from exc
+        raise DicomError(f"{show_path(exc.filename)}: cannot list folder "
+                         f"({exc.strerror or exc})") from exc
 
     for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         stat = os.stat(folder)
@@ -183,7 +185,8 @@ def list_files(root: Path) -> list[Path]:
                 stat = path.stat()
             except OSError as exc:
                 if not path.is_symlink():
-                    raise DicomError(f"{show_path(path)}: cannot read file ({exc.strerror or exc})") from exc
+                    raise DicomError(f"{show_path(path)}: cannot read file "
+                                     f"({exc.strerror or exc})") from exc
                 kind = "symbolic link loop" if exc.errno == errno.ELOOP else "broken symbolic link"
                 raise DicomError(f"{show_path(path)}: {kind} ({exc.strerror or exc})") from exc
             if not stat_module.S_ISREG(stat.st_mode):  # FIFOs would block a read forever
