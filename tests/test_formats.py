@@ -196,3 +196,15 @@ def test_predict_takes_nrrd_input_and_a_series_choice(tmp_path_factory, phantom_
         want = nib.load(reference / "Phantom_001.nii.gz")
         np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
         np.testing.assert_allclose(got.affine, want.affine, atol=1e-4)
+
+
+def test_enhanced_file_alone_in_a_case_folder_is_read(series, tmp_path):
+    paths, dicom = series
+    folder = tmp_path / "case"
+    folder.mkdir()
+    _enhanced(paths, folder / "IM0001")
+    assert [c.name for c in discover_cases(folder)] == ["case"]
+    np.testing.assert_array_equal(load_image(folder).array, dicom.array)
+    (folder / "notes.txt").write_text("the folder holds more than the file: read as a series")
+    with pytest.raises(DicomError, match="give the file itself as the input"):
+        load_image(folder)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ctseg.errors import CTSegError
-from ctseg.io.dicom import load_series
+from ctseg.io.dicom import list_files, load_series
 from ctseg.io.dicom_headers import open_regular
 from ctseg.io.memory import check_memory
 from ctseg.io.multiframe import is_multiframe, load_multiframe
@@ -49,9 +49,13 @@ def is_image_file(path: str | Path) -> bool:
 
 def load_image(path: str | Path, series: str | int | None = None) -> CTVolume:
     """A CT volume from a DICOM folder (`series` as in `load_series`), a NIfTI, NRRD or
-    MetaImage file, a multi-frame (enhanced) CT DICOM file or a single DICOM slice."""
+    MetaImage file, a multi-frame (enhanced) CT DICOM file (alone, or alone in its folder) or a
+    single DICOM slice."""
     path = Path(path)
     if path.is_dir():
+        files = [f for f in list_files(path) if f.name.upper() != "DICOMDIR"]
+        if len(files) == 1 and series is None and is_multiframe(files[0]):
+            return load_multiframe(files[0])
         return load_series(path, series)
     if not path.exists():
         raise CTSegError(f"{show_path(path)}: no such file or folder")
