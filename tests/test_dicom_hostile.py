@@ -199,3 +199,16 @@ def test_control_characters_in_file_names_are_escaped(write_series, stored, tmp_
     assert repr("notes\r\nINFO forged.txt") in caplog.text
     assert not any("\n" in r.getMessage() or "\r" in r.getMessage() for r in caplog.records)
     shutil.rmtree(paths[0].parent)
+
+
+def test_case_folder_names_with_control_characters_are_escaped_in_logs(write_series, stored,
+                                                                      tmp_path, caplog):
+    from ctseg.data import discover_cases
+
+    root = tmp_path / "cases"
+    write_series(stored, root / "good")
+    (root / "empty\nINFO ctseg: forged").mkdir()
+    with caplog.at_level(logging.INFO, logger="ctseg"):
+        assert [c.name for c in discover_cases(root)] == ["good"]
+    assert repr("empty\nINFO ctseg: forged") in caplog.text
+    assert not any("\n" in r.getMessage() for r in caplog.records)

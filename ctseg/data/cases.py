@@ -14,6 +14,7 @@ from typing import Iterator
 
 from ctseg.errors import DicomError
 from ctseg.io.formats import IMAGE_SUFFIXES, image_stem
+from ctseg.io.redact import show_path
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,19 @@ def discover_cases(case_dir: str | Path) -> list[Case]:
     """
     root = Path(case_dir)
     if not root.is_dir():
-        raise DicomError(f"{root}: case folder not found")
+        raise DicomError(f"{show_path(root)}: case folder not found")
     if (root / "Images").is_dir():
         cases = _seed_layout(root)
     else:
         cases = _folder_layout(root)
     if not cases:
-        raise DicomError(f"{root}: no cases found; expected Images/<case>/ with "
+        raise DicomError(f"{show_path(root)}: no cases found; expected Images/<case>/ with "
                          "Segmentations/<case>_seg.npz, or one folder of DICOM files per case")
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DicomError(f"{root}: case names occur twice: {', '.join(duplicates)}")
+        raise DicomError(f"{show_path(root)}: case names occur twice: "
+                         f"{', '.join(map(show_path, duplicates))}")
     return sorted(cases, key=lambda c: c.name)
 
 
@@ -70,7 +72,7 @@ def _seed_layout(root: Path) -> list[Case]:
     for folder in _subfolders(root / "Images"):
         label = _first_existing(segmentations / f"{folder.name}{s}" for s in _MASK_SUFFIXES)
         if label is None:
-            log.info("case %s has no mask in %s", folder.name, segmentations.name)
+            log.info("case %s has no mask in %s", show_path(folder.name), segmentations.name)
         cases.append(Case(folder.name, folder, label))
     return cases
 
@@ -87,7 +89,7 @@ def _folder_layout(root: Path) -> list[Case]:
             cases.append(Case(folder.name, folder, _folder_mask(folder)))
         else:
             log.info("skipped folder %s: no DICOM files or image file (image.nii.gz, .nrrd, "
-                     ".mha, .mhd) inside", folder.name)
+                     ".mha, .mhd) inside", show_path(folder.name))
     for path in sorted(root.iterdir()):
         name = image_stem(path)
         if name is None or name.endswith("_seg") or not path.is_file():
