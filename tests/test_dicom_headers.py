@@ -54,3 +54,24 @@ def test_truncated_inside_a_header_element_is_refused(tmp_path):
     target.write_bytes((TEST_FILES / "rtplan_truncated.dcm").read_bytes())
     with pytest.raises(DicomError, match="unreadable DICOM file"):
         headers.read_header(target)
+
+
+DEFLATED = [p for p in WITH_PREAMBLE if b"1.2.840.10008.1.2.1.99" in p.read_bytes()[:1024]]
+
+
+@pytest.mark.parametrize("path", DEFLATED, ids=lambda p: p.name)
+def test_deflated_scanner_agrees_with_pydicom(path):
+    """Deflated datasets are inflated only up to their pixel data, with pydicom's values."""
+    data = path.read_bytes()
+    with open(path, "rb") as fp:
+        fast = headers.scan_header(data, len(data), fp)
+        fp.seek(0)
+        slow = headers.pydicom_header(fp)
+    for keyword in headers.HEADER_KEYWORDS:
+        assert headers._Values(fast).strings(keyword) == headers._Values(slow).strings(keyword), \
+            keyword
+    assert (fast.pixel_pos is None) == (slow.pixel_pos is None)
+
+
+def test_there_are_deflated_files_to_compare():
+    assert DEFLATED

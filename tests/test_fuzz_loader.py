@@ -160,6 +160,10 @@ FIELDS = {
     "SamplesPerPixel": st.integers(0, 4),
     "NumberOfFrames": st.integers(-1, 3).map(str),
     "Modality": st.sampled_from(["CT", "MR", "", "OT"]),
+    # what anonymisers do: UIDs present but empty (the SOP class then comes from the file meta)
+    "SeriesInstanceUID": st.sampled_from(["", "1.2.826.0.1.3680043.8.498.99"]),
+    "SOPClassUID": st.sampled_from(["", "1.2.840.10008.5.1.4.1.1.7"]),
+    "SeriesDescription": st.sampled_from(["", "LUNG", "SOFT"]),
     "TransferSyntaxUID": st.sampled_from([
         "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
         "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1.99", "1.2.3.4", ""]),
