@@ -49,12 +49,14 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input size instead of the config's data.size (the network is the same)")
     args = parser.parse_args()
     loaded = _ctseg_model(args.model, args.config)
     model = loaded.model.eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    height, width = loaded.config["data"]["size"]
+    height, width = args.size or loaded.config["data"]["size"]
     channels = int(loaded.config["data"].get("context") or 1)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"network: {type(model).__name__}, {params:.2f} M parameters, input {channels}x{height}x{width}"
