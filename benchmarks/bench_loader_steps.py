@@ -68,7 +68,8 @@ def run(folder: Path, repeats: int) -> None:
     files = list(volume.files)
     headers = [dicom_headers.read_header(f) for f in files]
     steps = [
-        ("headers: pydicom dcmread(stop_before_pixels, specific_tags)", lambda fs: [_dcmread(f) for f in fs], files),
+        ("headers: pydicom dcmread(stop_before_pixels, specific_tags)",
+         lambda fs: [_dcmread(f) for f in fs], files),
         ("headers: pydicom_header (byte-level sequence skipping; the fallback)",
          lambda fs: [_pydicom_header(f) for f in fs], files),
         ("headers: pydicom_header, 2 threads", _pooled(_pydicom_header, 2), files),
@@ -78,7 +79,8 @@ def run(folder: Path, repeats: int) -> None:
         ("headers: read_header, 2 threads", _pooled(dicom_headers.read_header, 2), files),
         ("headers: read_header, 4 threads", _pooled(dicom_headers.read_header, 4), files),
         ("pixels: _read_hu, 1 thread", _pixels(1), headers),
-        (f"pixels: _read_hu, {dicom._PIXEL_WORKERS} threads (the loader's)", _pixels(dicom._PIXEL_WORKERS), headers),
+        (f"pixels: _read_hu, {dicom._PIXEL_WORKERS} threads (the loader's)",
+         _pixels(dicom._PIXEL_WORKERS), headers),
         ("whole load_series", load_series, folder),
     ]
     z, y, x = volume.shape
