@@ -37,9 +37,10 @@ def pytest_report_header(config: pytest.Config) -> str:
             f"{TEST_THREADS or 'unset'}), seed {TEST_SEED} (CTSEG_TEST_SEED)")
 
 
-@pytest.fixture(autouse=True)
-def _seeded() -> None:
-    """Every test starts from the same global RNG state, whatever ran before it."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every test, and the fixtures set up for it, start from the same global RNG state,
+    whatever ran before."""
     random.seed(TEST_SEED)
     np.random.seed(TEST_SEED)
     torch.manual_seed(TEST_SEED)
