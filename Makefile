@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
-PIP_SPEC ?= pip==26.3
+# The lock's pip, installed first.
+PIP_SPEC ?= $(shell grep -m1 '^pip==' $(LOCK) || echo pip)
 LOCK_TORCH ?= torch==2.13.0
 # Another torch build than the lock's (e.g. "torch==2.13.0 --extra-index-url URL"): installed
 # first, and the lock's torch line is then left out.
@@ -49,7 +50,7 @@ endif
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/pip-compile || $(BIN)/python -m pip install "pip-tools==7.6.2"
-	echo "$(LOCK_TORCH)" | $(BIN)/pip-compile --quiet --extra dev --strip-extras --no-emit-index-url \
+	echo "$(LOCK_TORCH)" | $(BIN)/pip-compile --quiet --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
 		--no-emit-find-links $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml -
 
 TRAIN_CMD = ctseg train --config $(CONFIG) $(if $(CASE_DIR),--case-dir $(CASE_DIR)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
