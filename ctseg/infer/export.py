@@ -102,7 +102,8 @@ def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
     ctseg_config = bundle_ctseg_config(loaded.config)
     inference = inference_settings(yaml.safe_load(texts["configs/inference.yaml"]), loaded.network,
                                    ctseg_config)
-    training = training_settings(yaml.safe_load(texts["configs/train.yaml"]), loaded.network, ctseg_config)
+    training = training_settings(yaml.safe_load(texts["configs/train.yaml"]), loaded.network, ctseg_config,
+                                 loaded.config)
     meta = bundle_metadata(json.loads(texts["configs/metadata.json"]), loaded, ctseg_config, run,
                            evaluation, previous)
 
@@ -233,8 +234,12 @@ def postprocess(ctseg_config: dict, key: str = "pred") -> list[dict]:
              "transforms": [{"_target_": name, **kwargs} for name, kwargs in steps]}]
 
 
-def training_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
-    """The template's fine-tuning config with the run's network, preprocessing and loss."""
+def training_settings(template: dict, spec: dict, ctseg_config: dict, run_config: dict) -> dict:
+    """The template's fine-tuning config with the run's network, preprocessing and loss.
+
+    Binary models train on soft (bilinearly resized) foreground targets as ctseg does; others on
+    nearest-resized labels made one-hot by the loss.
+    """
     if not isinstance(template, dict) or not isinstance(template.get("train"), dict):
         raise ConfigError("bundle template: configs/train.yaml lacks the `train` section")
     settings = copy.deepcopy(template)
@@ -255,7 +260,11 @@ def training_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
     else:
         _set(transforms, "RandCropByPosNegLabeld", "train#preprocessing", pos=float(ratio), neg=1.0 - float(ratio))
     settings["loss"] = {"_target_": "DiceCELoss", "sigmoid": binary, "softmax": not binary,
-                        "to_onehot_y": not binary}
+                        "to_onehot_y": not binary,
+                        "include_background": bool(get(run_config, "loss.include_background", True)),
+                        "batch": bool(get(run_config, "loss.batch", True)),
+                        "lambda_dice": float(get(run_config, "loss.lambda_dice", 1.0)),
+                        "lambda_ce": float(get(run_config, "loss.lambda_ce", 1.0))}
     return settings
 
 
