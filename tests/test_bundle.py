@@ -300,3 +300,42 @@ def test_committed_bundle_is_a_complete_template_without_weights():
     ignored = subprocess.run(["git", "check-ignore", "-q", "bundles/lung_ct_segmentation/models/model.pt"],
                              cwd=REPO, capture_output=True)
     assert ignored.returncode == 0
+
+
+def test_network_def_passes_every_network_argument_through():
+    from ctseg.infer.export import network_def
+
+    spec = {"name": "unet_ra", "in_channels": 3, "out_channels": 1, "features": [8, 16],
+            "variant": "thesis", "kwargs": {"attention_ratio": 0.5}}
+    assert network_def(spec) == {"_target_": "scripts.networks.build_network", "name": "unet_ra",
+                                 "in_channels": 3, "out_channels": 1, "features": [8, 16],
+                                 "variant": "thesis", "attention_ratio": 0.5}
+
+
+def test_bundle_scripts_refuse_code_needing_more_than_the_bundle_requires(monkeypatch):
+    from ctseg.infer import export
+
+    monkeypatch.setattr(export, "SCRIPT_ROOTS", (*export.SCRIPT_ROOTS, "ctseg.config"))  # imports yaml
+    with pytest.raises(ModelError, match="ctseg.config imports yaml"):
+        export.bundle_scripts()
+
+
+def test_a_2_5d_bundle_writes_the_masks_of_ctseg_predict(phantom_dir, tmp_path):
+    """Context stacking (3 slices per input) through the bundle's transforms and SliceInferer."""
+    from ctseg.train import train
+
+    from infer_helpers import TINY_CONFIG
+
+    config = {**TINY_CONFIG, "data": {"size": [32, 32], "context": 3, "cache_dir": str(tmp_path / "cache")},
+              "train": {**TINY_CONFIG["train"], "epochs": 2}}
+    run = train(config, phantom_dir, tmp_path / "run", device="cpu")
+    bundle, expected, out = tmp_path / "bundle", tmp_path / "expected", tmp_path / "masks"
+    assert main(["export-bundle", str(run), "--output", str(bundle)]) == 0
+    assert main(["predict", "--model", str(run), "--input", str(phantom_dir), "--output", str(expected)]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                           "--dataset_dir", str(phantom_dir), "--output_dir", str(out)],
+                          cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _same_masks(out, expected)
+    assert sum(np.count_nonzero(nib.load(out / f"{c}.nii.gz").dataobj) for c in CASES) > 0
