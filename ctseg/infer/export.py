@@ -485,12 +485,12 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
     lines = [
         "## This export",
         "",
-        f"- Run: `{run['name']}`; network `{spec['name']}` from ctseg's registry, features "
+        f"- Run: `{run['name']}`; network `{spec['name']}` (the registry in scripts/networks), features "
         f"{spec.get('features') or 'default'}, {params / 1e6:.2f} M parameters.",
         f"- Input: axial slices resized to {h}x{w}, HU window [{lo:g}, {hi:g}] scaled to [0, 1], "
         f"{spec['in_channels']} slice(s) per input; output: {spec['out_channels']} channel(s) of logits.",
         f"- Post-processing: {', '.join(_describe_step(s) for s in steps) or 'none'}; "
-        f"flip TTA: {('axes ' + ', '.join(map(str, tta))) if tta else 'off'}.",
+        f"flip TTA: {('axes ' + ', '.join(map(str, tta)) + ' (`ctseg predict` only)') if tta else 'off'}.",
     ]
     if split:
         lines.append("- Split (by patient): " + "; ".join(
