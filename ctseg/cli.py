@@ -195,9 +195,9 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 def _cmd_export_bundle(args: argparse.Namespace) -> int:
     from ctseg.infer.export import export_bundle
 
-    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate)
-    print(f"wrote MONAI bundle {out}; run it with\n  python -m monai.bundle run --config_file "
-          f"{out / 'configs' / 'inference.yaml'} --dataset_dir CASES --output_dir MASKS")
+    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite)
+    print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
+          "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
     return 0
 
 
@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="bundle folder (default: RUN_DIR/lung_ct_segmentation)")
     p.add_argument("--evaluate", type=Path, default=None, metavar="CASE_DIR",
                    help="measure the exported model on these labelled cases for the model card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files an export writes in an existing bundle (keeps eval/ and other files)")
     p.set_defaults(func=_cmd_export_bundle)
 
     return parser

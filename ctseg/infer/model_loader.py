@@ -14,6 +14,7 @@ expressions and instantiates any `_target_`, is used only with `trust_bundle=Tru
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from ctseg.utils import pick_device
 log = logging.getLogger(__name__)
 
 REGISTRY_TARGET = "ctseg.networks.build_network"
+#: Exported bundles build the network from their own copy of the registry (scripts/networks).
+BUNDLE_REGISTRY_TARGET = "scripts.networks.build_network"
 BUNDLE_CONFIG = Path("configs") / "inference.yaml"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
 _SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs")
@@ -153,7 +156,7 @@ def _registry_spec(network_def: Any, source: Path) -> dict:
     if not isinstance(network_def, dict):
         raise ModelError(f"{source}: no `network_def` mapping")
     target = network_def.get("_target_")
-    if target != REGISTRY_TARGET:
+    if target not in (REGISTRY_TARGET, BUNDLE_REGISTRY_TARGET):
         raise ModelError(f"{source}: network_def#_target_ is {target!r}; without --trust-bundle only "
                          f"{REGISTRY_TARGET!r} is built")
     args = {k: v for k, v in network_def.items() if k != "_target_"}
@@ -192,11 +195,14 @@ def _parse_trusted(bundle: Path) -> tuple[torch.nn.Module, dict]:
     if metadata.is_file():
         parser.read_meta(str(metadata))
     parser["bundle_root"] = str(bundle)
+    sys.path.insert(0, str(bundle))  # the bundle's own `scripts` package, as `monai.bundle run` finds it
     try:
         model = parser.get_parsed_content("network_def", instantiate=True)
         config = parser.get_parsed_content("ctseg_config")
     except Exception as exc:  # the bundle's own code may raise anything
         raise ModelError(f"{bundle / BUNDLE_CONFIG}: cannot build network_def ({type(exc).__name__}: {exc})") from exc
+    finally:
+        sys.path.remove(str(bundle))
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"{bundle / BUNDLE_CONFIG}: network_def is not a torch module")
     log.warning("%s: evaluated the bundle's config with MONAI's parser (--trust-bundle)", bundle)
