@@ -67,11 +67,13 @@ CARD_START, CARD_END = "<!-- ctseg-export:start -->", "<!-- ctseg-export:end -->
 #: What the bundle needs beyond MONAI, torch and numpy (their versions have their own fields):
 #: DICOM reading (pydicom, its pixel-data plugins), NIfTI (nibabel), and what MONAI itself needs
 #: for `monai.bundle run` (fire, pyyaml, pytorch-ignite engines) and for
-#: KeepLargestConnectedComponent on the CPU (scikit-image).
+#: KeepLargestConnectedComponent on the CPU (scikit-image), and NRRD/MetaImage input (SimpleITK,
+#: imported only when such a file is given).
 REQUIRED_PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-                     "nibabel", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
-#: Third-party imports the copied scripts may use.
-SCRIPT_IMPORTS = frozenset({"numpy", "torch", "monai", "pydicom", "nibabel"})
+                     "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
+#: Third-party imports the copied scripts may use (psutil only behind `except ImportError`: the
+#: memory guard falls back to /proc/meminfo, so the bundle does not require it).
+SCRIPT_IMPORTS = frozenset({"numpy", "torch", "monai", "pydicom", "nibabel", "SimpleITK", "psutil"})
 #: Where ctseg modules go in the bundle's `scripts` package (others keep their path).
 SCRIPT_RENAMES = {"ctseg.infer.bundle_transforms": "scripts.transforms"}
 SCRIPT_ROOTS = ("ctseg.infer.bundle_transforms", "ctseg.networks")
