@@ -6,6 +6,7 @@ only the parameter-count tests build full-width networks, and they never run the
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -184,21 +185,119 @@ def test_odd_input_gives_output_of_input_size(name: str) -> None:
         assert tiny(name, in_channels=3).eval()(torch.randn(2, 3, 33, 40)).shape == (2, 2, 33, 40)
 
 
+def generic_point(model: nn.Module) -> nn.Module:
+    """`model` in float64 with random BatchNorm scales and shifts.
+
+    At initialisation (BN bias 0) some gradients are zero for every input: BN -> ReLU is then
+    positively homogeneous in the BN scale, and a bias-free conv -> train-mode BN after it is
+    scale-invariant, so a one-channel BN's scale gets exactly zero gradient (float32 shows
+    rounding noise of 1e-10 there, which made the old test pass or fail by chance). That zero
+    belongs to the starting point, not to the wiring; at a generic point it is gone.
+    """
+    g = torch.Generator().manual_seed(1)
+    model = model.double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def structural_zeros(model: nn.Module) -> set[str]:
+    """Parameters whose gradient is zero at every point, and why.
+
+    SPConv's redundant 1x1 conv keeps the bias of the official code (its parameter count is the
+    study's), but feeds a BatchNorm straight away: in train mode BN subtracts the batch mean, so a
+    per-channel constant added before it cancels exactly and its gradient is 0. The same holds
+    for a transposed conv's bias where the decoder block starts with SPConv: the concatenation
+    puts the up-sampled channels last, which is exactly SPConv's redundant part (alpha 0.5), so
+    that bias too only reaches the 1x1 -> BN path (the test's input needs no zero-padding, which
+    would make the constant uneven).
+    """
+    zeros = {f"{name}.conv1x1.bias" for name, m in model.named_modules() if isinstance(m, SPConv)}
+    for i, (up, block) in enumerate(zip(model.ups, model.decoder)):
+        first = block.block[0] if isinstance(block, DoubleConv) else None
+        if isinstance(first, SPConv) and first.conv1x1.in_channels == up.out_channels:
+            zeros.add(f"ups.{i}.bias")
+    return zeros
+
+
+def gradient_report(model: nn.Module, in_channels: int = 1) -> tuple[dict[str, float], float]:
+    """Each parameter's gradient norm after a backward pass over several float64 inputs, and the
+    median norm (the scale that "zero" is judged against)."""
+    model = model.train()
+    g = torch.Generator().manual_seed(2)
+    loss = sum((model(torch.randn(2, in_channels, 32, 40, generator=g, dtype=torch.float64))
+                * torch.randn(1, 2, 32, 40, generator=g, dtype=torch.float64)).sum()
+               for _ in range(3))
+    model.zero_grad()
+    loss.backward()
+    norms = {n: (float("nan") if p.grad is None else p.grad.norm().item())
+             for n, p in model.named_parameters()}
+    return norms, float(torch.tensor(list(norms.values())).nanmedian())
+
+
+def disconnected(model: nn.Module) -> list[str]:
+    """Parameters with no gradient, or one that is rounding-size against the median (1e-9 of it:
+    float64 rounding is ~1e-16 relative, a real gradient at a generic point is many orders above),
+    leaving out the structural zeros, which must really be zero."""
+    norms, scale = gradient_report(model)
+    zeros = structural_zeros(model)
+    for name in zeros:
+        assert norms[name] < 1e-9 * scale, f"{name} was expected to be a structural zero"
+    return [n for n, v in norms.items()
+            if n not in zeros and not (math.isfinite(v) and v > 1e-9 * scale)]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_parameter(name: str) -> None:
-    model = tiny(name).train()
-    (model(torch.randn(2, 1, 35, 33)) ** 2).mean().backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, pname
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    assert disconnected(generic_point(tiny(name))) == []
+
+
+def test_gradient_check_finds_a_disconnected_parameter() -> None:
+    """The check above must fail when a parameter is really cut off from the output: an unused
+    conv (no gradient at all), and a BatchNorm that runs but whose output is multiplied by zero
+    (a gradient of exactly zero)."""
+    model = generic_point(tiny("unet"))
+    model.unused = nn.Conv2d(1, 1, 3).double()
+    assert disconnected(model) == ["unused.weight", "unused.bias"]
+    model.decoder[0].block[1] = Bypass(model.decoder[0].block[1])
+    assert set(disconnected(model)) == {"unused.weight", "unused.bias",
+                                        "decoder.0.block.1.inner.weight",
+                                        "decoder.0.block.1.inner.bias"}
+
+
+class Bypass(nn.Module):
+    """Passes its input on and adds 0 x `inner`'s output: `inner` runs but gets zero gradient."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0 * self.inner(x)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_eval_mode_is_deterministic(name: str) -> None:
-    model = tiny(name).eval()
-    x = torch.randn(2, 1, 40, 36)
+def test_eval_mode_uses_running_statistics_and_is_batch_independent(name: str) -> None:
+    """Train mode normalises with the batch's statistics (so a slice's output depends on its batch
+    mates); eval mode uses the running statistics, so one slice alone gives what it gives inside a
+    batch. Fails if BN stays in train mode or any layer (SPConv's pooling, attention) mixes the
+    batch."""
+    model = tiny(name).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1, 40, 36, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+        model.train()
+        for _ in range(3):
+            model(x + 0.5)  # move the running statistics away from their initial values
+        train_batch, train_alone = model(x)[:1], model(x[:1])
+        model.eval()
+        eval_batch, eval_alone = model(x)[:1], model(x[:1])
+    assert not torch.allclose(train_batch, train_alone)  # batch statistics: depends on mates
+    assert not torch.allclose(eval_batch, train_batch)   # running vs batch statistics
+    torch.testing.assert_close(eval_alone, eval_batch)
 
 
 def synthetic_batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
