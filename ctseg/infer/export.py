@@ -128,7 +128,8 @@ def network_def(spec: dict) -> dict:
     """A `_target_` entry that builds the network through ctseg's registry."""
     return {"_target_": "ctseg.networks.build_network", "name": spec["name"],
             "in_channels": int(spec["in_channels"]), "out_channels": int(spec["out_channels"]),
-            "features": spec.get("features"), **(spec.get("kwargs") or {})}
+            "features": spec.get("features"), **(spec.get("kwargs") or {}),
+            **({"variant": spec["variant"]} if "variant" in spec else {})}
 
 
 def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
