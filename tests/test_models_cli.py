@@ -51,7 +51,8 @@ def test_cli_models_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(KEYS <= set(r) for r in rows)
 
 
-def test_cli_models_thesis_variant_gives_the_study_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_models_thesis_variant_gives_the_study_table(
+        capsys: pytest.CaptureFixture[str]) -> None:
     """The study's Table 2 (3 input channels, features 64..512): parameters and layers."""
     assert main(["models", "--variant", "thesis", "--in-channels", "3", "--features",
                  "64,128,256,512", "--size", "16", "--repeats", "1", "--json"]) == 0

@@ -103,7 +103,8 @@ def test_thesis_ra_has_no_weights_but_gates_the_skips() -> None:
 def test_thesis_spconv_lifts_with_a_bias_free_1x1_and_uses_spconv_everywhere() -> None:
     model = build_network("unet_spconv", 3, 1, features=TINY, variant="thesis")
     assert isinstance(model.lift, nn.Conv2d) and model.lift.bias is None
-    assert (model.lift.in_channels, model.lift.out_channels, model.lift.kernel_size) == (3, 4, (1, 1))
+    lift = model.lift
+    assert (lift.in_channels, lift.out_channels, lift.kernel_size) == (3, 4, (1, 1))
     assert isinstance(model.encoder[0].block[0], SPConv)
     assert sum(isinstance(m, SPConv) for m in model.modules()) == 2 * (2 * len(TINY) + 1)
     assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1
@@ -229,7 +230,8 @@ def test_residual_attention_only_amplifies_the_skip() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="vnet"), "unknown network 'vnet'"),
-    (dict(name="unet", alpha=0.5), r"unet \(default\): unknown option\(s\) alpha \(accepted: none\)"),
+    (dict(name="unet", alpha=0.5),
+     r"unet \(default\): unknown option\(s\) alpha \(accepted: none\)"),
     (dict(name="unet_ra", variant="thesis", attention_ratio=0.5),
      r"unet_ra \(thesis\): unknown option\(s\) attention_ratio \(accepted: none\)"),
     (dict(name="unet", variant="paper"), "unet: unknown variant 'paper'"),
@@ -372,7 +374,8 @@ class Bypass(nn.Module):
 
 
 @pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
-def test_eval_mode_uses_running_statistics_and_is_batch_independent(name: str, variant: str) -> None:
+def test_eval_mode_uses_running_statistics_and_is_batch_independent(name: str,
+                                                                    variant: str) -> None:
     """Train mode normalises with the batch's statistics (so a slice's output depends on its batch
     mates); eval mode uses the running statistics, so one slice alone gives what it gives inside a
     batch. Fails if BN stays in train mode or any layer (SPConv's pooling, attention) mixes the

@@ -10,10 +10,12 @@ conv maps them to C and the input is added (residual), so the block keeps shape 
 dropped after any stage. When C < 8 a 1x1 conv first lifts the input to 8 channels so that every
 branch has at least one channel.
 
-Choices the paper leaves open, taken here:
-* "split" means each branch's *output* share (Inception), not a split of the input channels: every
-  branch sees all C' channels, which is what lets the 1x1 reductions mix them.
-* in a "1x1 -> 3x3" branch the 1x1 reduces straight to the branch's share and the 3x3 keep it.
+Choices taken here:
+* the shares are each branch's *output* width (Inception): every branch sees all C' channels,
+  which is what lets the 1x1 reductions mix them. The study instead splits the *input*
+  channels among the branches (`SplitMFE` below, the thesis variant), so each branch sees a
+  quarter, an eighth or a half of them;
+* in a "1x1 -> 3x3" branch the 1x1 reduces straight to the branch's share and the 3x3 keep it;
 * every branch conv (and the lift) is conv -> BatchNorm -> ReLU, as in BN-Inception;
 * the smooth conv is conv -> BatchNorm without ReLU, and nothing follows the residual add, so the
   identity path stays linear (pre-activation ResNet argument) and the block starts as a

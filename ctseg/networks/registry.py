@@ -1,9 +1,8 @@
 """The registry: the study's model versions by name, built from plain arguments.
 
 `build_network(name, in_channels, out_channels, features=None, variant="default", **kwargs)`
-takes only plain values,
-so the same call works from a YAML config, from a checkpoint's `network` entry and as a MONAI
-bundle `network_def`:
+takes only plain values, so the same call works from a YAML config, from a checkpoint's
+`network` entry and as a MONAI bundle `network_def`:
 
     network_def:
       _target_: ctseg.networks.build_network
@@ -15,7 +14,8 @@ bundle `network_def`:
 
 Two variants of each version: `default`, ctseg's engineered blocks, and `thesis`, the blocks as
 the study built them, which reproduce its parameter counts (docs/networks.md, "thesis vs
-default", says what differs and why). Training and inference code builds every model through here and never imports a concrete class.
+default", says what differs and why). Training and inference code builds every model through
+here and never imports a concrete class.
 """
 
 from __future__ import annotations
