@@ -34,6 +34,8 @@ VARIANTS = ("default", "thesis")
 
 @dataclass(frozen=True)
 class Build:
+    """One variant of a network: the UNet arguments it fixes and the options a config may set."""
+
     fixed: dict[str, Any] = field(default_factory=dict)     # UNet arguments the variant sets
     options: dict[str, type] = field(default_factory=dict)  # user kwargs and their types
 
