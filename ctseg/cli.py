@@ -119,17 +119,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from ctseg.networks.report import network_report
 
     rows = network_report(in_channels=args.in_channels, features=args.features, size=args.size,
-                          repeats=args.repeats)
+                          repeats=args.repeats, variant=args.variant)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"input 1x{args.in_channels}x{args.size}x{args.size}, features {','.join(map(str, args.features))}, "
+    print(f"variant {args.variant}, input 1x{args.in_channels}x{args.size}x{args.size}, "
+          f"features {','.join(map(str, args.features))}, "
           f"CPU {rows[0]['threads'] if rows else '?'} threads; activation = est. forward+backward, batch 1")
-    header = f"{'name':<12} {'params':>12} {'trainable':>12} {'param MB':>9} {'activ. MB':>10} {'CPU ms/slice':>13}"
+    header = (f"{'name':<12} {'layers':>6} {'params':>12} {'trainable':>12} {'param MB':>9} "
+              f"{'activ. MB':>10} {'CPU ms/slice':>13}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:<12} {r['params']:>12,} {r['trainable_params']:>12,} {r['param_mb']:>9.2f} "
+        print(f"{r['name']:<12} {r['layers']:>6} {r['params']:>12,} {r['trainable_params']:>12,} {r['param_mb']:>9.2f} "
               f"{r['activation_mb']:>10.1f} {r['cpu_ms_per_slice']:>13.1f}")
     return 0
 
@@ -232,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="square slice size in pixels")
     p.add_argument("--repeats", type=int, default=2, help="timed forward passes per network")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--variant", choices=("default", "thesis"), default="default",
+                   help="ctseg's blocks (default) or the study's, with its counts (thesis)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="train a 2D segmentation network on a case folder (or the phantom)")

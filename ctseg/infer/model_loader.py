@@ -34,7 +34,7 @@ REGISTRY_TARGET = "ctseg.networks.build_network"
 BUNDLE_REGISTRY_TARGET = "scripts.networks.build_network"
 BUNDLE_CONFIG = Path("configs") / "inference.yaml"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
-_SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs")
+_SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs", "variant")
 
 
 @dataclass
@@ -95,7 +95,9 @@ def build_registry_model(spec: dict, source: Path) -> torch.nn.Module:
 
     try:
         return build_network(spec["name"], int(spec["in_channels"]), int(spec["out_channels"]),
-                             features=spec.get("features"), **(spec.get("kwargs") or {}))
+                             features=spec.get("features"),
+                             variant=spec.get("variant", "default"),  # older runs: no key
+                             **(spec.get("kwargs") or {}))
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{source}: cannot build network {spec.get('name')!r} ({exc})") from exc
 
