@@ -40,8 +40,8 @@ else
 	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
 	$(BIN)/python -m pip install --progress-bar off -r $(VENV)/lock-without-torch.txt
 endif
-	@echo "==> [3/4] ctseg itself (editable, no dependency resolution)"
-	$(BIN)/python -m pip install --progress-bar off --no-deps -e .
+	@echo "==> [3/4] ctseg itself (editable; no dependency resolution, built with the locked setuptools)"
+	$(BIN)/python -m pip install --progress-bar off --no-deps --no-build-isolation -e .
 	@echo "==> [4/4] pip check"
 	$(BIN)/python -m pip check
 	touch $(STAMP)
