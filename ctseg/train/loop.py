@@ -5,7 +5,7 @@ later stage needs: `config.yaml` (resolved), `split.json`, `checkpoints/{best,la
 `metrics.json`, `history.csv`, `qc/{best,median,worst}.png` and `tracking.json` (the MLflow run
 it logs to); MLflow gets the same (see `tracking`).
 
-Validation runs every epoch on whole held-out volumes through `predict_volume` and the model's
+Validation runs every epoch on whole validation volumes through `predict_volume` and the model's
 post-processing (`infer.postprocess`), i.e. what `ctseg predict` does, scored at the CT's original
 resolution; the best checkpoint is the one with the best mean volume Dice. With
 `train.selection: last` the run is fixed-length instead: no plateau LR, no early stopping, `best.pt`
