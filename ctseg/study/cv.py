@@ -293,16 +293,16 @@ def _dice_figure(rows: list[dict], path: Path) -> Path:
     """Per-case test Dice, one bar per case coloured by fold, the mean as a line."""
     fig = Figure(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.2))
     ax = fig.add_subplot()
-    names = [r["case"] for r in rows]
     dice = np.array([r["dice"] for r in rows], dtype=float)
     ax.bar(range(len(rows)), dice, color=[f"C{r['fold'] % 10}" for r in rows])
     ax.axhline(float(dice.mean()), color="0.3", linestyle="--", linewidth=1,
                label=f"mean {dice.mean():.4f} over {len(rows)} cases")
-    ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{r['case']} (fold {r['fold']})" for r in rows], rotation=45,
+                  ha="right", fontsize=7)
     ax.set_ylim(max(0.0, float(dice.min()) - 0.05), 1.0)
     ax.set_ylabel("test volume Dice")
     ax.set_title("Cross-validation: each case scored by the fold that never saw it")
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="best", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
