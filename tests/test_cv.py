@@ -16,6 +16,8 @@ import ctseg.train.loop
 from ctseg.cli import main
 from ctseg.data import discover_cases
 from ctseg.evaluate.evaluate import evaluate_predictions
+from ctseg.train import train
+from ctseg.train.checkpoint import load_checkpoint
 
 
 def tiny_config(root: Path) -> dict:
@@ -170,6 +172,7 @@ def test_fixed_length_folds_when_there_is_no_inner_validation(phantom_dir, tmp_p
 @pytest.mark.parametrize("extra, message", [
     (["--folds", "4"], "--folds must be between 2 and 3"),
     (["split.folds=3"], "cv makes its own patient-level folds"),
+    (["train.selection=sometimes"], "train.selection must be one of"),
 ])
 def test_bad_requests_are_refused_before_training(phantom_dir, tmp_path, monkeypatch, capsys, extra, message):
     path = tmp_path / "c.yaml"
@@ -184,3 +187,33 @@ def test_a_folder_holding_another_study_is_refused(study, monkeypatch, capsys):
                        study["out"], "train.epochs=2")
     assert code == 2 and "another config" in capsys.readouterr().err
     assert spy.calls == []
+
+
+def test_fixed_length_runs_take_no_decision_from_validation(phantom_dir, tmp_path):
+    """train.selection=last: validation only monitors, even where it would cut the LR (plateau
+    patience 0) and stop the run (early stopping 1) under train.selection=best."""
+    config = tiny_config(tmp_path)
+    config["tracking"]["enabled"] = False
+    config["split"]["val_fraction"] = 0.34
+    config["optim"].update(plateau_patience=0, plateau_factor=0.1)
+    config["train"].update(epochs=4, early_stopping=1, selection="last")
+    run = train(config, phantom_dir, tmp_path / "fixed", device="cpu")
+    history = read_csv(run / "history.csv")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 4 and metrics["best_epoch"] == metrics["epochs"] == 4
+    assert {float(row["lr"]) for row in history} == {0.01}
+    assert metrics["best_val_dice"] == pytest.approx(float(history[-1]["val_dice"]), rel=1e-5)
+    best, last = (load_checkpoint(run / "checkpoints" / name) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 4
+
+
+def test_a_case_without_a_mask_is_refused_before_training(phantom_dir, tmp_path, monkeypatch, capsys):
+    cases = tmp_path / "cases"
+    shutil.copytree(phantom_dir, cases)
+    masks = sorted((cases / "Segmentations").iterdir())
+    masks[0].unlink()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    code, spy = run_cv(monkeypatch, path, cases, tmp_path / "out")
+    assert code == 2 and "have no mask" in capsys.readouterr().err
+    assert spy.calls == [] and not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from ctseg.io import save_nifti
 from ctseg.train import train
 from ctseg.train.checkpoint import LAST
 from ctseg.train.defaults import resolve_config
-from ctseg.train.loop import ensure_phantom
+from ctseg.train.loop import SELECTIONS, ensure_phantom
 from ctseg.train.tracking import TRACKING_FILE, Tracker, tracking_uri
 from ctseg.transforms import num_classes
 from ctseg.utils import atomic_path, atomic_write_text, pick_device
@@ -109,9 +110,14 @@ def run_cv(config: dict, case_dir: Path | None, output: Path, folds: int | None 
 
     Returns the summary also written to `output/summary.json`.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("cv runs in one process, fold after fold; run it without torchrun "
+                          "(--device picks the GPU)")
     output = Path(output)
     config = resolve_config(config)
     _refuse_own_split(config)
+    if get(config, "train.selection") not in SELECTIONS:
+        raise ConfigError(f"train.selection must be one of {SELECTIONS}, got {get(config, 'train.selection')!r}")
     if case_dir is None:
         case_dir = Path(get(config, "data.case_dir") or ensure_phantom(config))
     case_dir = Path(case_dir).resolve()
