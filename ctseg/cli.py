@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the exported model on these labelled cases for the model card")
     p.set_defaults(func=_cmd_export_bundle)
 
-    p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold that never saw it)")
+    p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold "
+                                  "that never saw it)")
     p.add_argument("--config", type=Path, required=True, help="pipeline YAML, e.g. pipelines/lctsc.yaml")
     p.add_argument("--case-dir", type=Path, default=None, help="case folder; omit for the built-in phantom")
     p.add_argument("--output", type=Path, required=True, help="folder for fold_<k>/, cv.csv, summary.json")

@@ -70,7 +70,7 @@ def study(phantom_dir, tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         code, spy = run_cv(mp, config_path, phantom_dir, root / "runs" / "cv")
     assert code == 0
-    return {"root": root, "config": config_path, "out": root / "runs" / "cv", "spy": spy,
+    return {"root": root, "config": config_path, "out": root / "runs" / "cv", "spy": spy, "cases": phantom_dir,
             "names": [c.name for c in discover_cases(phantom_dir)]}
 
 
@@ -91,6 +91,8 @@ def test_each_case_is_tested_once_by_a_fold_that_never_loaded_it(study):
         # what the trainer actually loaded for this fold: its train + inner val cases, never the test case
         loaded = [n for test, ns in study["spy"].calls if test == (row["case"],) for n in ns]
         assert sorted(loaded) == sorted(split["train"] + split["val"])
+        scored = json.loads((fold_dir / "metrics.json").read_text())["val_per_case"]
+        assert sorted(scored) == sorted(split["val"])  # what picked the checkpoint: inner validation only
         assert (out / "predictions" / f"{row['case']}.nii.gz").is_file()
         assert (fold_dir / "checkpoints" / "best.pt").is_file()
 
@@ -139,8 +141,7 @@ def test_rerun_skips_finished_folds_and_redoes_only_the_missing_one(study, monke
     kept = {k: (out / f"fold_{k}" / "cv_fold.json").stat().st_mtime_ns for k in (0, 1)}
     redo = json.loads((out / "fold_2" / "split.json").read_text())["test"]
     shutil.rmtree(out / "fold_2")
-    code, spy = run_cv(monkeypatch, study["config"], Path(json.loads((out / "cv_plan.json").read_text())["case_dir"]),
-                       out)
+    code, spy = run_cv(monkeypatch, study["config"], study["cases"], out)
     assert code == 0
     assert {test for test, _ in spy.calls} == {tuple(redo)}  # only fold 2 trained again
     assert {k: (out / f"fold_{k}" / "cv_fold.json").stat().st_mtime_ns for k in (0, 1)} == kept
@@ -183,8 +184,7 @@ def test_bad_requests_are_refused_before_training(phantom_dir, tmp_path, monkeyp
 
 
 def test_a_folder_holding_another_study_is_refused(study, monkeypatch, capsys):
-    code, spy = run_cv(monkeypatch, study["config"], Path(json.loads((study["out"] / "cv_plan.json").read_text())["case_dir"]),
-                       study["out"], "train.epochs=2")
+    code, spy = run_cv(monkeypatch, study["config"], study["cases"], study["out"], "train.epochs=2")
     assert code == 2 and "another config" in capsys.readouterr().err
     assert spy.calls == []
 

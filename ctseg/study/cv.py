@@ -164,8 +164,9 @@ def run_cv(config: dict, case_dir: Path | None, output: Path, folds: int | None 
 def _refuse_own_split(config: dict) -> None:
     given = [key for key in ("train", "val", "test", "folds") if get(config, f"split.{key}")]
     if given or float(get(config, "split.test_fraction", 0.0) or 0.0) > 0:
-        raise ConfigError(f"cv makes its own patient-level folds; remove split.{', split.'.join(given) or 'test_fraction'} "
-                          "from the config (split.seed and split.val_fraction are used)")
+        keys = ", ".join(f"split.{key}" for key in given or ["test_fraction"])
+        raise ConfigError(f"cv makes its own patient-level folds; remove {keys} from the config "
+                          "(split.seed and split.val_fraction are used)")
 
 
 def _fold_name(k: int) -> str:
@@ -197,10 +198,11 @@ def _run_fold(config: dict, case_dir: Path, output: Path, fold: dict, k: int, by
     where = (f"inner validation on {', '.join(fold['val'])}" if fold["selection"] == "best"
              else "fixed length, last epoch kept")
     if marker.is_file():
-        logger.info("fold %d of %d: already done (%s), not retrained", fold["fold"] + 1, k, marker)
+        logger.info("fold %d (%d of %d): already done (%s), not retrained", fold["fold"], fold["fold"] + 1, k,
+                    marker)
         return json.loads(marker.read_text())
-    logger.info("fold %d of %d: test %s; training on %s (%s)", fold["fold"] + 1, k, ", ".join(fold["test"]),
-                ", ".join(fold["train"]), where)
+    logger.info("fold %d (%d of %d): test %s; training on %s (%s)", fold["fold"], fold["fold"] + 1, k,
+                ", ".join(fold["test"]), ", ".join(fold["train"]), where)
     resume = fold_dir if (fold_dir / "checkpoints" / LAST).is_file() else None
     train(fold_config(config, fold), case_dir=case_dir, output=fold_dir, device=device, resume=resume)
     metrics = json.loads((fold_dir / "metrics.json").read_text())
@@ -212,12 +214,13 @@ def _run_fold(config: dict, case_dir: Path, output: Path, fold: dict, k: int, by
             "best_epoch": metrics["best_epoch"], "train_seconds": metrics["train_seconds"],
             "inner_val_dice": metrics.get("best_val_dice")}
     atomic_write_text(marker, json.dumps(_finite(done), indent=2) + "\n")
-    logger.info("fold %d of %d: test Dice %s", fold["fold"] + 1, k,
+    logger.info("fold %d (%d of %d): test Dice %s", fold["fold"], fold["fold"] + 1, k,
                 ", ".join(f"{r['case']} {r['dice']:.4f}" for r in rows))
     return json.loads(marker.read_text())
 
 
-def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Path, device: str | None) -> list[dict]:
+def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Path,
+                      device: str | None) -> list[dict]:
     """Segment the fold's test cases as `ctseg predict` does and score the written masks as
     `ctseg evaluate` does (so `ctseg evaluate --pred OUTPUT/predictions` reproduces cv.csv)."""
     loaded = load_model(fold_dir, pick_device(device))
