@@ -136,15 +136,22 @@ def test_folds_are_nested_runs_under_one_mlflow_cv_run(study):
     assert all("test_dice" in r.data.metrics for r in children)
 
 
-def test_rerun_skips_finished_folds_and_redoes_only_the_missing_one(study, monkeypatch):
+def test_rerun_skips_finished_folds_and_redoes_only_what_is_missing(study, monkeypatch):
+    """Fold 0 finished: skipped. Fold 1 trained but not scored (killed while predicting): resumed
+    from its last.pt without another epoch, then scored. Fold 2 gone: trained again."""
     out = study["out"]
-    kept = {k: (out / f"fold_{k}" / "cv_fold.json").stat().st_mtime_ns for k in (0, 1)}
-    redo = json.loads((out / "fold_2" / "split.json").read_text())["test"]
+    kept = (out / "fold_0" / "cv_fold.json").stat().st_mtime_ns
+    last_1 = (out / "fold_1" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    tests = {k: tuple(json.loads((out / f"fold_{k}" / "split.json").read_text())["test"]) for k in (1, 2)}
+    (out / "fold_1" / "cv_fold.json").unlink()
     shutil.rmtree(out / "fold_2")
     code, spy = run_cv(monkeypatch, study["config"], study["cases"], out)
     assert code == 0
-    assert {test for test, _ in spy.calls} == {tuple(redo)}  # only fold 2 trained again
-    assert {k: (out / f"fold_{k}" / "cv_fold.json").stat().st_mtime_ns for k in (0, 1)} == kept
+    assert {test for test, _ in spy.calls} == {tests[1], tests[2]}  # fold 0 not loaded again
+    assert (out / "fold_0" / "cv_fold.json").stat().st_mtime_ns == kept
+    assert (out / "fold_1" / "checkpoints" / "last.pt").stat().st_mtime_ns == last_1
+    assert len(read_csv(out / "fold_1" / "history.csv")) == 3
+    assert all((out / f"fold_{k}" / "cv_fold.json").is_file() for k in (1, 2))
     assert sorted(r["case"] for r in read_csv(out / "cv.csv")) == sorted(study["names"])
 
 
