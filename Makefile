@@ -22,6 +22,7 @@ INPUT ?=
 PRED ?=
 TRUTH ?=
 NAME ?=
+FOLDS ?=
 
 .PHONY: install lock train test test-fast infer evaluate bench mlflow-ui experiment clean
 
@@ -86,6 +87,11 @@ bench: $(STAMP)
 
 experiment: $(STAMP)
 	$(BIN)/ctseg experiment $(NAME) $(ARGS)
+
+# patient-level cross-validation: make cv CASE_DIR=... CONFIG=... [FOLDS=K] [OUTPUT=...] [ARGS=...]
+.PHONY: cv
+cv: $(STAMP)
+	$(BIN)/ctseg cv --config $(CONFIG) $(if $(CASE_DIR),--case-dir $(CASE_DIR)) --output $(or $(OUTPUT),runs/cv-$(notdir $(basename $(CONFIG)))) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --port 5000

@@ -106,7 +106,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     hd95 = metrics.get("best_val_hd95_mm")
     print(f"run folder: {run_dir}")
-    print(f"best validation Dice {metrics['best_val_dice']:.4f} at epoch {metrics['best_epoch']}"
+    dice = metrics.get("best_val_dice")
+    print((f"best validation Dice {dice:.4f} at epoch {metrics['best_epoch']}" if dice is not None
+           else f"kept epoch {metrics['best_epoch']} (no validation cases)")
           + (f", HD95 {hd95:.2f} mm" if hd95 is not None else "")
           + f"; {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s, "
           f"{metrics['slices_per_second']:.1f} training slices/s")
@@ -200,6 +202,22 @@ def _cmd_export_bundle(args: argparse.Namespace) -> int:
     out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite)
     print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
           "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
+    return 0
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from ctseg.config import load_config
+    from ctseg.study.cv import run_cv
+
+    summary = run_cv(load_config(args.config, args.overrides), args.case_dir, args.output,
+                     folds=args.folds, device=args.device)
+    dice, hd95 = summary["metrics"]["dice"], summary["metrics"]["hd95_mm"]
+    sd = f" ± {dice['sd']:.4f}" if dice["sd"] is not None else ""
+    print(f"{summary['method']} cross-validation, {summary['cases']} case(s) in {summary['folds']} folds: "
+          f"test volume Dice {dice['mean']:.4f}{sd} (worst {summary['worst_case']['case']} "
+          f"{summary['worst_case']['dice']:.4f})"
+          + (f", HD95 mean {hd95['mean']:.2f} mm" if hd95["mean"] is not None else ""))
+    print(f"wrote {args.output / 'cv.csv'} and {args.output / 'summary.json'}")
     return 0
 
 
@@ -316,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files an export writes in an existing bundle (keeps eval/ and other files)")
     p.set_defaults(func=_cmd_export_bundle)
+
+    p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold "
+                                  "that never saw it)")
+    p.add_argument("--config", type=Path, required=True, help="pipeline YAML, e.g. pipelines/lctsc.yaml")
+    p.add_argument("--case-dir", type=Path, default=None, help="case folder; omit for the built-in phantom")
+    p.add_argument("--output", type=Path, required=True, help="folder for fold_<k>/, cv.csv, summary.json")
+    p.add_argument("--folds", type=int, default=None,
+                   help="number of folds (default: leave-one-case-out up to 5 cases, else 5)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cmd_cv)
 
     return parser
 

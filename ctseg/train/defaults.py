@@ -32,6 +32,9 @@ DEFAULTS: dict = {
         "batch_size": 16,
         "slices_per_epoch": None,   # None: as many as there are training slices
         "early_stopping": 10,       # epochs without a better val Dice; None = off
+        "selection": "best",        # best: val Dice picks the checkpoint, drives the plateau LR and
+                                    # early stopping; last: fixed length, the last epoch is kept and
+                                    # validation (optional) only monitors (e.g. `ctseg cv` folds)
         "time_limit_minutes": None, # stop after the epoch that crosses it
         "clip_grad_norm": 1.0,      # None = off
         "amp": True,                # CUDA only
