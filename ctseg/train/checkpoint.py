@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctseg.config import get
+from ctseg.config import resolve_config
 from ctseg.data.dataset import context_slices
 from ctseg.errors import ModelError
 from ctseg.transforms import output_channels
@@ -34,13 +34,13 @@ LAST = "last.pt"
 
 def network_spec(config: dict) -> dict:
     """The registry arguments that rebuild the model described by `config`."""
-    features = get(config, "model.features")
+    model = resolve_config(config)["model"]  # plain lists and dicts, as saved in checkpoints
     return {
-        "name": str(get(config, "model.name", "unet")),
+        "name": model["name"],
         "in_channels": context_slices(config),
         "out_channels": output_channels(config),
-        "features": [int(f) for f in features] if features is not None else None,
-        "kwargs": dict(get(config, "model.kwargs", {}) or {}),
+        "features": model["features"],
+        "kwargs": model["kwargs"],
     }
 
 
