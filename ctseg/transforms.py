@@ -37,43 +37,23 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from ctseg.config import config_view, get
-from ctseg.errors import ConfigError
-
-DEFAULT_WINDOW = (-1000.0, 400.0)
+from ctseg.config import config_view
 
 
 def training_size(config: dict) -> tuple[int, int]:
-    """The in-plane (H, W) the network is trained and run at."""
-    size = get(config, "data.size", [256, 256])
-    if isinstance(size, int):
-        size = [size, size]
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.size must be an int or [H, W], got {size!r}") from exc
-    if h < 8 or w < 8:
-        raise ConfigError(f"data.size must be at least 8x8, got {size!r}")
-    return h, w
+    """The in-plane (H, W) the network is trained and run at (`data.size`)."""
+    return config_view(config).size
 
 
 def hu_window(config: dict) -> tuple[float, float]:
-    window = get(config, "data.window", list(DEFAULT_WINDOW))
-    try:
-        lo, hi = (float(v) for v in window)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.window must be [low_HU, high_HU], got {window!r}") from exc
-    if not hi > lo:
-        raise ConfigError(f"data.window must have low < high, got {window!r}")
-    return lo, hi
+    """`data.window` (low, high) in HU, mapped to [0, 1]."""
+    lo, hi = config_view(config).data.window
+    return float(lo), float(hi)
 
 
 def num_classes(config: dict) -> int:
     """Classes including background (2 = binary: one output channel, sigmoid)."""
-    k = int(get(config, "data.num_classes", 2))
-    if k < 2:
-        raise ConfigError(f"data.num_classes counts the background too and must be >= 2, got {k}")
-    return k
+    return config_view(config).data.num_classes
 
 
 def output_channels(config: dict) -> int:

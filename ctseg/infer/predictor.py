@@ -6,10 +6,10 @@ config (the same `ctseg.transforms.preprocess_transforms` the training cache use
 re-typed: HU window to [0, 1], resize every slice to `data.size`, stack `data.context` neighbours as
 channels, run the 2D network over all slices with MONAI's `SlidingWindowInferer` (2D ROI = the
 training size, `infer.batch_size` slices per forward pass, `auto` by device; float16 autocast
-on CUDA unless `infer.amp: false`), optionally
-average flipped copies (`infer.tta`: list of flip axes, 0 = rows, 1 = columns), and resize the
-class probabilities back to the original (y, x) before thresholding, so boundaries are placed at
-sub-pixel precision rather than by up-sampling a coarse label map.
+on CUDA unless `infer.amp: false`), optionally average flipped copies (`infer.tta`: list of flip
+axes, 0 = rows, 1 = columns), and resize the class probabilities back to the original (y, x)
+before thresholding, so boundaries are placed at sub-pixel precision rather than by up-sampling a
+coarse label map. Settings are read through the schema's typed view (`ctseg.config.config_view`).
 """
 
 from __future__ import annotations
