@@ -16,12 +16,26 @@ from ctseg.errors import CTSegError
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ctseg.io import load_series, save_nifti
+    from ctseg.io import load_image, save_nifti
 
-    volume = load_series(args.dicom_dir, series_uid=args.series)
+    volume = load_image(args.dicom_dir, series=args.series)
     save_nifti(volume.array, volume.affine, args.output)
     print(f"wrote {args.output}: {volume.shape[0]} slices, spacing (z,y,x) "
           f"{tuple(round(s, 3) for s in volume.spacing)} mm, ordered by {volume.metadata.get('order_key')}")
+    return 0
+
+
+def _cmd_series(args: argparse.Namespace) -> int:
+    from ctseg.io.dicom import scan_series
+
+    found = scan_series(args.dicom_dir)
+    print(f"{'index':>5}  {'series':<13} {'modality':<8} {'slices':>6}  {'spacing z,y,x mm':<18} "
+          f"{'usable':<6}  description / why not usable")
+    for info in found:
+        spacing = ",".join(f"{s:.3g}" for s in info.spacing) if info.spacing else "?"
+        why = info.problem or info.description or "(no description)"
+        print(f"{info.index:>5}  {info.masked_uid:<13} {info.modality or '?':<8} {info.slices:>6}  "
+              f"{spacing:<18} {'yes' if info.usable else 'no':<6}  {why}")
     return 0
 
 
@@ -127,6 +141,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _output_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in ("nifti", "dicom-seg")]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown output format {', '.join(unknown) or text!r}; "
+                                         "choose from nifti, dicom-seg")
+    return formats
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from ctseg.evaluate.experiments import run_experiment
 
@@ -160,7 +183,7 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 
     results = predict_cases(loaded, args.input, args.output, tta=args.tta,
                             postprocess=args.postprocess, probabilities=args.probabilities,
-                            on_result=report)
+                            on_result=report, series=args.series, formats=args.formats)
     failed = [r.case for r in results if not r.ok]
     if main:
         print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
@@ -183,11 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="one DICOM series to NIfTI (HU, int16)")
-    p.add_argument("dicom_dir", type=Path)
+    p = sub.add_parser("convert", help="one DICOM series (or NRRD, MHA/MHD, multi-frame DICOM) to "
+                                       "NIfTI (HU, int16)")
+    p.add_argument("dicom_dir", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path)
-    p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read (UID, masked UID or index from `ctseg series`); default: "
+                        "the CT series with the most slices")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("series", help="list the image series of a DICOM folder (no identifiers)")
+    p.add_argument("dicom_dir", type=Path)
+    p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("phantom", help="write the synthetic CT phantom dataset as real DICOM")
     p.add_argument("out_dir", type=Path)
@@ -252,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
     p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
     p.add_argument("--input", type=Path, required=True,
-                   help="DICOM series folder, case folder (any layout) or NIfTI file")
+                   help="DICOM series folder, case folder (any layout), or an image file: "
+                        "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
     p.add_argument("--output", type=Path, required=True, help="folder for <case>.nii.gz and predictions.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -263,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write float32 probability maps to OUTPUT/probabilities/")
     p.add_argument("--trust-bundle", action="store_true",
                    help="evaluate a bundle's config with MONAI's parser (runs its code)")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read from each DICOM case (as `ctseg series` lists them); "
+                        "default: the CT series with the most slices")
+    p.add_argument("--format", dest="formats", type=_output_formats, default=("nifti",),
+                   metavar="nifti[,dicom-seg]",
+                   help="outputs per case; NIfTI is always written, dicom-seg adds <case>.seg.dcm "
+                        "referencing the source series (it copies the patient's identifiers, as "
+                        "the standard requires)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-bundle", help="a trained run as a complete MONAI bundle")

@@ -1,18 +1,49 @@
-"""Shared fixtures: a tiny phantom dataset for everyone, and a writer of hand-made DICOM series."""
+"""Shared fixtures: a tiny phantom dataset for everyone, and a writer of hand-made DICOM series.
+
+`CTSEG_TEST_THREADS` (torch intra-op threads, default: torch's own) and `CTSEG_TEST_SEED` (the
+global torch/numpy/random seed set before every test, default 0) let CI run the suite under other
+reduction orders and initialisations, so an assert that only holds by floating-point luck fails
+there instead of on someone else's machine. Both are printed in the pytest header.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctseg.data.phantom import write_phantom_dataset
 
 PHANTOM_SHAPE = (16, 64, 64)  # slices, rows, cols of the shared phantom
+TEST_SEED = int(os.environ.get("CTSEG_TEST_SEED", "0"))
+TEST_THREADS = os.environ.get("CTSEG_TEST_THREADS")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_THREADS:  # also for the subprocesses tests start (CLI runs, torchrun)
+        torch.set_num_threads(int(TEST_THREADS))
+        os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"ctseg: torch threads {torch.get_num_threads()} (CTSEG_TEST_THREADS="
+            f"{TEST_THREADS or 'unset'}), seed {TEST_SEED} (CTSEG_TEST_SEED)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every test, and the fixtures set up for it, start from the same global RNG state,
+    whatever ran before."""
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)
+    torch.manual_seed(TEST_SEED)
 
 
 @pytest.fixture(scope="session")
