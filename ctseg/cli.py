@@ -221,9 +221,39 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """ctseg's version and the versions that decide its numbers, without importing them (fast)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ctseg import __version__
+
+    found = []
+    for name in ("torch", "monai"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return f"ctseg {__version__} (python {platform.python_version()}, {', '.join(found)})"
+
+
+def _logging_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/--quiet before the subcommand (`top`) and after it; a subcommand's copy defaults to
+    SUPPRESS so it does not overwrite what was given before the subcommand."""
+    default = False if top else argparse.SUPPRESS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings and errors only; no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctseg", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="ctseg", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 done, 1 a case failed or a bug (a "
+                                            "traceback), 2 refused input, config or usage, "
+                                            "130 interrupted")
+    parser.add_argument("--version", action="version", version=_version())
+    _logging_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="one DICOM series (or NRRD, MHA/MHD, multi-frame DICOM) to "
@@ -303,10 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
     p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
-    p.add_argument("--input", type=Path, required=True,
+    p.add_argument("-i", "--input", type=Path, required=True,
                    help="DICOM series folder, case folder (any layout), or an image file: "
                         "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
-    p.add_argument("--output", type=Path, required=True, help="folder for <case>.nii.gz and predictions.csv")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder for <case>.nii.gz, <case>.statistics.json, statistics.json and "
+                        "predictions.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average flipped copies (default: as the model's config says)")
@@ -346,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_cv)
 
+    for command in sub.choices.values():
+        _logging_options(command, top=False)
     return parser
 
 
@@ -354,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     secondary = os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings and errors only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if secondary else logging.INFO,
+        level=(logging.DEBUG if args.verbose else
+               logging.WARNING if secondary or args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
