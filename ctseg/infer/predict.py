@@ -135,7 +135,15 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     """
     output_dir = check_writable_dir(output_dir).resolve()
     cases = find_inputs(input_path)
-    check_outputs(cases, output_dir, probabilities)
+    refusal = None
+    if distributed.is_main():  # one check for all ranks, before any of them writes
+        try:
+            check_outputs(cases, output_dir, probabilities)
+        except CTSegError as exc:
+            refusal = str(exc)
+    refusal = distributed.broadcast(refusal)
+    if refusal:
+        raise CTSegError(refusal)
     config = inference_config(loaded.config, tta)
     classes = num_classes(config)
     steps = postprocess_steps(config, classes) if postprocess else []
