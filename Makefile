@@ -1,9 +1,15 @@
-# ctseg: every target sets itself up (venv + pinned deps) through the install stamp.
+# ctseg: every target sets itself up (venv + locked deps) through the install stamp.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+# The lock's pip, installed first.
+PIP_SPEC ?= $(shell grep -m1 '^pip==' $(LOCK) || echo pip)
+LOCK_TORCH ?= torch==2.13.0
+# Another torch build than the lock's (e.g. "torch==2.13.0 --extra-index-url URL"): installed
+# first, and the lock's torch line is then left out.
+TORCH_SPEC ?=
 
 CASE_DIR ?=
 CONFIG ?= pipelines/train.yaml
@@ -16,17 +22,37 @@ INPUT ?=
 PRED ?=
 TRUTH ?=
 NAME ?=
+FOLDS ?=
 
-.PHONY: install train test infer evaluate bench mlflow-ui experiment clean
+.PHONY: install lock train test test-fast infer evaluate bench mlflow-ui experiment clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Redone whenever pyproject.toml or the lock changes. pip prints each package as it goes.
+$(STAMP): pyproject.toml $(LOCK)
+	@echo "==> [1/4] $(VENV): virtual environment and $(PIP_SPEC)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar off "$(PIP_SPEC)"
+	@echo "==> [2/4] the pinned dependencies of $(LOCK) (several minutes on a fresh machine)"
+ifeq ($(strip $(TORCH_SPEC)),)
+	$(BIN)/python -m pip install --progress-bar off -r $(LOCK)
+else
+	$(BIN)/python -m pip install --progress-bar off $(TORCH_SPEC)
+	grep -v '^torch==' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(BIN)/python -m pip install --progress-bar off -r $(VENV)/lock-without-torch.txt
+endif
+	@echo "==> [3/4] ctseg itself (editable; no dependency resolution, built with the locked setuptools)"
+	$(BIN)/python -m pip install --progress-bar off --no-deps --no-build-isolation -e .
+	@echo "==> [4/4] pip check"
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Re-resolve the lock from pyproject.toml (keeps pins that still fit; LOCK_ARGS=--upgrade bumps all).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip-compile || $(BIN)/python -m pip install "pip-tools==7.6.2"
+	echo "$(LOCK_TORCH)" | $(BIN)/pip-compile --quiet --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml -
 
 TRAIN_CMD = ctseg train --config $(CONFIG) $(if $(CASE_DIR),--case-dir $(CASE_DIR)) $(if $(OUTPUT),--output $(OUTPUT)) $(ARGS)
 
@@ -39,6 +65,10 @@ endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The suite without the tests marked slow (long end-to-end training runs): a few minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 PREDICT_ARGS = predict --model $(MODEL) --input $(INPUT) --output $(OUTPUT) $(ARGS)
 
@@ -57,6 +87,11 @@ bench: $(STAMP)
 
 experiment: $(STAMP)
 	$(BIN)/ctseg experiment $(NAME) $(ARGS)
+
+# patient-level cross-validation: make cv CASE_DIR=... CONFIG=... [FOLDS=K] [OUTPUT=...] [ARGS=...]
+.PHONY: cv
+cv: $(STAMP)
+	$(BIN)/ctseg cv --config $(CONFIG) $(if $(CASE_DIR),--case-dir $(CASE_DIR)) --output $(or $(OUTPUT),runs/cv-$(notdir $(basename $(CONFIG)))) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --port 5000

@@ -16,15 +16,29 @@ from ctseg.errors import CTSegError
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from ctseg.io import load_series, save_nifti
+    from ctseg.io import load_image, save_nifti
     from ctseg.outputs import check_writable_file
     from ctseg.utils import log_text
 
-    check_writable_file(args.output)  # before reading the series, not after
-    volume = load_series(args.dicom_dir, series_uid=args.series)
+    check_writable_file(args.output)  # before reading the input, not after
+    volume = load_image(args.dicom_dir, series=args.series)
     save_nifti(volume.array, volume.affine, args.output)
     print(f"wrote {log_text(args.output)}: {volume.shape[0]} slices, spacing (z,y,x) "
           f"{tuple(round(s, 3) for s in volume.spacing)} mm, ordered by {volume.metadata.get('order_key')}")
+    return 0
+
+
+def _cmd_series(args: argparse.Namespace) -> int:
+    from ctseg.io.dicom import scan_series
+
+    found = scan_series(args.dicom_dir)
+    print(f"{'index':>5}  {'series':<13} {'modality':<8} {'slices':>6}  {'spacing z,y,x mm':<18} "
+          f"{'usable':<6}  description / why not usable")
+    for info in found:
+        spacing = ",".join(f"{s:.3g}" for s in info.spacing) if info.spacing else "?"
+        why = info.problem or info.description or "(no description)"
+        print(f"{info.index:>5}  {info.masked_uid:<13} {info.modality or '?':<8} {info.slices:>6}  "
+              f"{spacing:<18} {'yes' if info.usable else 'no':<6}  {why}")
     return 0
 
 
@@ -98,7 +112,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     hd95 = metrics.get("best_val_hd95_mm")
     print(f"run folder: {run_dir}")
-    print(f"best validation Dice {metrics['best_val_dice']:.4f} at epoch {metrics['best_epoch']}"
+    dice = metrics.get("best_val_dice")
+    print((f"best validation Dice {dice:.4f} at epoch {metrics['best_epoch']}" if dice is not None
+           else f"kept epoch {metrics['best_epoch']} (no validation cases)")
           + (f", HD95 {hd95:.2f} mm" if hd95 is not None else "")
           + f"; {metrics['epochs']} epochs in {metrics['train_seconds']:.0f} s, "
           f"{metrics['slices_per_second']:.1f} training slices/s")
@@ -111,17 +127,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from ctseg.networks.report import network_report
 
     rows = network_report(in_channels=args.in_channels, features=args.features, size=args.size,
-                          repeats=args.repeats)
+                          repeats=args.repeats, variant=args.variant)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"input 1x{args.in_channels}x{args.size}x{args.size}, features {','.join(map(str, args.features))}, "
+    print(f"variant {args.variant}, input 1x{args.in_channels}x{args.size}x{args.size}, "
+          f"features {','.join(map(str, args.features))}, "
           f"CPU {rows[0]['threads'] if rows else '?'} threads; activation = est. forward+backward, batch 1")
-    header = f"{'name':<12} {'params':>12} {'trainable':>12} {'param MB':>9} {'activ. MB':>10} {'CPU ms/slice':>13}"
+    header = (f"{'name':<12} {'layers':>6} {'params':>12} {'trainable':>12} {'param MB':>9} "
+              f"{'activ. MB':>10} {'CPU ms/slice':>13}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:<12} {r['params']:>12,} {r['trainable_params']:>12,} {r['param_mb']:>9.2f} "
+        print(f"{r['name']:<12} {r['layers']:>6} {r['params']:>12,} {r['trainable_params']:>12,} {r['param_mb']:>9.2f} "
               f"{r['activation_mb']:>10.1f} {r['cpu_ms_per_slice']:>13.1f}")
     return 0
 
@@ -131,6 +149,15 @@ def _int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _output_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in ("nifti", "dicom-seg")]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown output format {', '.join(unknown) or text!r}; "
+                                         "choose from nifti, dicom-seg")
+    return formats
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
@@ -169,7 +196,7 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 
     results = predict_cases(loaded, args.input, args.output, tta=args.tta,
                             postprocess=args.postprocess, probabilities=args.probabilities,
-                            on_result=report)
+                            on_result=report, series=args.series, formats=args.formats)
     failed = [r.case for r in results if not r.ok]
     if main:
         print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
@@ -181,9 +208,25 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 def _cmd_export_bundle(args: argparse.Namespace) -> int:
     from ctseg.infer.export import export_bundle
 
-    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate)
-    print(f"wrote MONAI bundle {out}; run it with\n  python -m monai.bundle run --config_file "
-          f"{out / 'configs' / 'inference.yaml'} --dataset_dir CASES --output_dir MASKS")
+    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite)
+    print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
+          "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
+    return 0
+
+
+def _cmd_cv(args: argparse.Namespace) -> int:
+    from ctseg.config import load_config
+    from ctseg.study.cv import run_cv
+
+    summary = run_cv(load_config(args.config, args.overrides), args.case_dir, args.output,
+                     folds=args.folds, device=args.device)
+    dice, hd95 = summary["metrics"]["dice"], summary["metrics"]["hd95_mm"]
+    sd = f" ± {dice['sd']:.4f}" if dice["sd"] is not None else ""
+    print(f"{summary['method']} cross-validation, {summary['cases']} case(s) in {summary['folds']} folds: "
+          f"test volume Dice {dice['mean']:.4f}{sd} (worst {summary['worst_case']['case']} "
+          f"{summary['worst_case']['dice']:.4f})"
+          + (f", HD95 mean {hd95['mean']:.2f} mm" if hd95["mean"] is not None else ""))
+    print(f"wrote {args.output / 'cv.csv'} and {args.output / 'summary.json'}")
     return 0
 
 
@@ -192,11 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="one DICOM series to NIfTI (HU, int16)")
-    p.add_argument("dicom_dir", type=Path)
+    p = sub.add_parser("convert", help="one DICOM series (or NRRD, MHA/MHD, multi-frame DICOM) to "
+                                       "NIfTI (HU, int16)")
+    p.add_argument("dicom_dir", type=Path, metavar="INPUT")
     p.add_argument("output", type=Path)
-    p.add_argument("--series", default=None, help="SeriesInstanceUID when the folder holds several")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read (UID, masked UID or index from `ctseg series`); default: "
+                        "the CT series with the most slices")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("series", help="list the image series of a DICOM folder (no identifiers)")
+    p.add_argument("dicom_dir", type=Path)
+    p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("phantom", help="write the synthetic CT phantom dataset as real DICOM")
     p.add_argument("out_dir", type=Path)
@@ -211,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="square slice size in pixels")
     p.add_argument("--repeats", type=int, default=2, help="timed forward passes per network")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--variant", choices=("default", "thesis"), default="default",
+                   help="ctseg's blocks (default) or the study's, with its counts (thesis)")
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="train a 2D segmentation network on a case folder (or the phantom)")
@@ -261,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
     p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
     p.add_argument("--input", type=Path, required=True,
-                   help="DICOM series folder, case folder (any layout) or NIfTI file")
+                   help="DICOM series folder, case folder (any layout), or an image file: "
+                        "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
     p.add_argument("--output", type=Path, required=True, help="folder for <case>.nii.gz and predictions.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -272,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write float32 probability maps to OUTPUT/probabilities/")
     p.add_argument("--trust-bundle", action="store_true",
                    help="evaluate a bundle's config with MONAI's parser (runs its code)")
+    p.add_argument("--series", default=None, metavar="UID|INDEX",
+                   help="series to read from each DICOM case (as `ctseg series` lists them); "
+                        "default: the CT series with the most slices")
+    p.add_argument("--format", dest="formats", type=_output_formats, default=("nifti",),
+                   metavar="nifti[,dicom-seg]",
+                   help="outputs per case; NIfTI is always written, dicom-seg adds <case>.seg.dcm "
+                        "referencing the source series (it copies the patient's identifiers, as "
+                        "the standard requires)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-bundle", help="a trained run as a complete MONAI bundle")
@@ -279,7 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="bundle folder (default: RUN_DIR/lung_ct_segmentation)")
     p.add_argument("--evaluate", type=Path, default=None, metavar="CASE_DIR",
                    help="measure the exported model on these labelled cases for the model card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files an export writes in an existing bundle (keeps eval/ and other files)")
     p.set_defaults(func=_cmd_export_bundle)
+
+    p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold "
+                                  "that never saw it)")
+    p.add_argument("--config", type=Path, required=True, help="pipeline YAML, e.g. pipelines/lctsc.yaml")
+    p.add_argument("--case-dir", type=Path, default=None, help="case folder; omit for the built-in phantom")
+    p.add_argument("--output", type=Path, required=True, help="folder for fold_<k>/, cv.csv, summary.json")
+    p.add_argument("--folds", type=int, default=None,
+                   help="number of folds (default: leave-one-case-out up to 5 cases, else 5)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=_cmd_cv)
 
     return parser
 

@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 
 from ctseg.errors import DicomError
 from ctseg.io import load_series
+from ctseg.io.redact import mask_uid
 
 
 def _bundled(name: str) -> str:
@@ -58,17 +59,30 @@ def test_garbage_after_dicom_magic(write_series, stored):
         load_series(paths[0].parent)
 
 
-def test_several_series_are_listed_and_one_can_be_chosen(write_series, stored, tmp_path):
+def test_several_series_the_largest_is_read_and_one_can_be_chosen(write_series, stored, tmp_path,
+                                                                    caplog):
     folder = tmp_path / "mixed"
     a = write_series(stored, folder / "a", series_uid="1.2.3.4")
-    write_series(stored[:3] + 5, folder / "b", series_uid="1.2.3.5")
-    with pytest.raises(DicomError, match=r"2 image series.*1\.2\.3\.4 \(CT, 6 images\); "
-                                         r"1\.2\.3\.5 \(CT, 3 images\)"):
+    b = write_series(stored[:3] + 5, folder / "b", series_uid="1.2.3.5")
+    with caplog.at_level(logging.INFO, logger="ctseg.io"):
+        assert load_series(folder).files == a  # 6 slices beat 3
+    assert f"reading series 1: {mask_uid('1.2.3.4')} CT" in caplog.text
+    assert "1.2.3.4" not in caplog.text  # UIDs embed dates: only their digest is shown
+    volume = load_series(folder, series="1.2.3.5")
+    assert volume.files == b and volume.metadata["series_uid"] == "1.2.3.5"
+    assert load_series(folder, series="2").files == b
+    assert load_series(folder, series=mask_uid("1.2.3.5")).files == b
+    with pytest.raises(DicomError, match="no series") as err:
+        load_series(folder, series="9.9")
+    assert "1.2.3.4" not in str(err.value) and mask_uid("1.2.3.4") in str(err.value)
+
+
+def test_equally_good_series_are_not_guessed(write_series, stored, tmp_path):
+    folder = tmp_path / "two"
+    write_series(stored, folder / "a", series_uid="1.2.3.4")
+    write_series(stored + 5, folder / "b", series_uid="1.2.3.5")
+    with pytest.raises(DicomError, match="2 CT series with 6 slices; choose one with --series"):
         load_series(folder)
-    volume = load_series(folder, series_uid="1.2.3.4")
-    assert volume.files == a and volume.metadata["series_uid"] == "1.2.3.4"
-    with pytest.raises(DicomError, match="no series 9.9"):
-        load_series(folder, series_uid="9.9")
 
 
 def test_conflicting_duplicate_positions(write_series, stored):

@@ -118,6 +118,7 @@ def dist_run(tmp_path_factory) -> dict:
     return {"root": root, "cases": cases, "run": root / "run", "ranks": ranks}
 
 
+@pytest.mark.slow
 def test_training_completes_and_resumes_under_two_processes(dist_run):
     run = dist_run["run"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -133,6 +134,7 @@ def test_training_completes_and_resumes_under_two_processes(dist_run):
     assert not any(k.startswith("module.") for k in state["model"])  # the bare model, not DDP's wrapper
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_the_run_and_logs_to_mlflow(dist_run):
     rank0, rank1 = dist_run["ranks"]
     assert rank1["writes"] == []
@@ -147,6 +149,7 @@ def test_only_rank_0_writes_the_run_and_logs_to_mlflow(dist_run):
     assert sorted(steps) == [1, 2]
 
 
+@pytest.mark.slow
 def test_ranks_train_on_disjoint_shares_of_the_training_cases_only(dist_run):
     split = json.loads((dist_run["run"] / "split.json").read_text())
     assert len(split["val"]) == 2 and len(split["train"]) == 2
@@ -161,6 +164,7 @@ def test_ranks_train_on_disjoint_shares_of_the_training_cases_only(dist_run):
     assert shares[0][0] != shares[1][0]  # reshuffled each epoch
 
 
+@pytest.mark.slow
 def test_every_rank_agrees_on_the_validation_dice(dist_run):
     rank0, rank1 = dist_run["ranks"]
     # Rank 0 also scores the best checkpoint alone at the end of each train() call.
@@ -170,6 +174,7 @@ def test_every_rank_agrees_on_the_validation_dice(dist_run):
     assert metrics["best_val_dice"] == pytest.approx(max(rank1["val_dice"]))
 
 
+@pytest.mark.slow
 def test_a_nan_batch_on_one_rank_is_skipped_by_both(dist_run):
     assert [r["skipped"] for r in dist_run["ranks"]] == [1, 1]
     from ctseg.train.checkpoint import load_checkpoint
@@ -180,6 +185,7 @@ def test_a_nan_batch_on_one_rank_is_skipped_by_both(dist_run):
         assert all(np.isfinite(float(row["train_loss"])) for row in csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sync_bn_is_refused_on_cpu(dist_run):
     assert all("CUDA" in r["sync_bn_cpu"] for r in dist_run["ranks"])
 
@@ -193,6 +199,7 @@ def _torchrun_predict(args: list[str], nproc: int) -> subprocess.CompletedProces
                           env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_predictions_from_two_ranks_equal_those_from_one(dist_run, tmp_path):
     from ctseg.cli import main
 
@@ -234,13 +241,28 @@ def test_shard_and_unshard_are_inverse_without_a_group():
     assert unshard(parts) == items
 
 
-def test_make_train_with_nproc_runs_torchrun():
+@pytest.mark.slow
+def test_make_train_with_nproc_trains_under_torchrun(tmp_path):
+    """`make train NPROC=2` really starts two ranks that train one run (this interpreter's
+    environment stands in for .venv: BIN and an up-to-date STAMP are passed to make)."""
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
     repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run([make, "-n", "-C", str(repo), "train", "NPROC=2", "CONFIG=pipelines/train.yaml",
-                          "ARGS=train.epochs=1"], capture_output=True, text=True, timeout=60).stdout
-    out = " ".join(out.split())
-    assert ("torchrun --standalone --nproc_per_node 2 -m ctseg.cli train --config pipelines/train.yaml "
-            "train.epochs=1") in out
+    stamp = tmp_path / "installed"
+    stamp.touch()  # newer than pyproject.toml and the lock: make installs nothing
+    cases = write_phantom_dataset(tmp_path / "phantom", n_cases=CASES, seed=3, rows=32, cols=32, slices=6)
+    config = _config(tmp_path, epochs=1)
+    config["tracking"] = {"enabled": False}
+    (tmp_path / "tiny.yaml").write_text(json.dumps(config))  # JSON is YAML
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([make, "-C", str(repo), "train", "NPROC=2", f"BIN={Path(sys.executable).parent}",
+                           f"STAMP={stamp}", f"CONFIG={tmp_path / 'tiny.yaml'}", f"CASE_DIR={cases}",
+                           f"OUTPUT={tmp_path / 'run'}", "ARGS=--device cpu"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torchrun" in done.stdout and "rank 0 of 2 (gloo)" in done.stdout + done.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()

@@ -4,12 +4,14 @@ Small real series are written with pydicom, then their header fields (positions,
 spacing, size, rescale, bits, transfer syntax) or their bytes are mutated. Whatever happens,
 the loader must end in ctseg's own error type or in a volume that is right: finite, correctly
 ordered along the slice normal, and slice for slice equal to what pydicom decodes from the
-files it names. Examples are bounded and derandomised (the suite stays reproducible) and each
-has a deadline, so a hang fails the test instead of stalling it.
+files it names. Harmless mutations (fields the loader does not need, the preamble's bytes) must
+load, and give the unmutated volume. Examples are bounded and derandomised (the suite stays
+reproducible) and each has a deadline, so a hang fails the test instead of stalling it.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 import tempfile
 from pathlib import Path
@@ -83,6 +85,14 @@ def _pydicom_hu(path: Path) -> tuple[np.ndarray, np.ndarray]:
     position = [float(v) for v in ds.get("ImagePositionPatient") or [np.nan] * 3]
     key = np.dot(position, np.cross(o[:3], o[3:]))
     return apply_modality_lut(ds.pixel_array, ds), key
+
+
+def _check_unharmed(folder: Path, paths: list[Path], stored: np.ndarray) -> None:
+    """A harmless mutation: the loader must not refuse, and must give the unmutated volume."""
+    volume = load_series(folder)
+    event("harmless: loaded")
+    assert volume.files == paths
+    np.testing.assert_array_equal(volume.array, stored - 1024.0)
 
 
 def _check(folder: Path, original: dict[Path, tuple[np.ndarray, float]] | None = None) -> None:
@@ -160,6 +170,10 @@ FIELDS = {
     "SamplesPerPixel": st.integers(0, 4),
     "NumberOfFrames": st.integers(-1, 3).map(str),
     "Modality": st.sampled_from(["CT", "MR", "", "OT"]),
+    # what anonymisers do: UIDs present but empty (the SOP class then comes from the file meta)
+    "SeriesInstanceUID": st.sampled_from(["", "1.2.826.0.1.3680043.8.498.99"]),
+    "SOPClassUID": st.sampled_from(["", "1.2.840.10008.5.1.4.1.1.7"]),
+    "SeriesDescription": st.sampled_from(["", "LUNG", "SOFT"]),
     "TransferSyntaxUID": st.sampled_from([
         "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
         "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1.99", "1.2.3.4", ""]),
@@ -168,6 +182,17 @@ FIELDS = {
 mutation = st.tuples(st.sampled_from(sorted(FIELDS)), st.one_of(st.none(), st.integers(0, SLICES - 1)),
                      st.booleans()).flatmap(
     lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), FIELDS[t[0]]))
+
+
+def _harmless(mutations, datasets) -> bool:
+    """Only fields the loader does not need once ImagePositionPatient orders the slices:
+    InstanceNumber, a finite SliceLocation (a non-finite one is refused on purpose), and a
+    Modality that is still the same on every slice (other than CT: only a warning)."""
+    if any(keyword not in ("InstanceNumber", "SliceLocation", "Modality") for keyword, *_ in mutations):
+        return False
+    locations = [float(ds.SliceLocation) for ds in datasets if "SliceLocation" in ds]
+    return (all(math.isfinite(v) for v in locations)
+            and len({ds.get("Modality") for ds in datasets}) == 1)
 
 
 def _set_syntax(data: bytes, uid: str) -> bytes:
@@ -186,7 +211,8 @@ def _set_syntax(data: bytes, uid: str) -> bytes:
 @given(seed=st.integers(0, 2**16), mutations=st.lists(mutation, min_size=1, max_size=3))
 def test_mutated_header_fields_are_refused_or_loaded_correctly(seed, mutations):
     """Each mutation sets (or deletes) a field in one slice (or all), then the loader runs."""
-    datasets = _datasets(_stored(seed), (1, 0, 0, 0, 1, 0), (-10.0, 5.0, -40.0), 2.5, (0.7, 0.7))
+    stored = _stored(seed)
+    datasets = _datasets(stored, (1, 0, 0, 0, 1, 0), (-10.0, 5.0, -40.0), 2.5, (0.7, 0.7))
     syntaxes = {}
     for keyword, index, delete, value in mutations:
         targets = range(SLICES) if index is None else [index]
@@ -202,6 +228,8 @@ def test_mutated_header_fields_are_refused_or_loaded_correctly(seed, mutations):
         paths = _write(datasets, Path(tmp), range(SLICES))
         for k, uid in syntaxes.items():
             paths[k].write_bytes(_set_syntax(paths[k].read_bytes(), uid))
+        if _harmless(mutations, datasets):
+            _check_unharmed(Path(tmp), paths, stored)
         _check(Path(tmp))
 
 
@@ -213,13 +241,16 @@ def test_mutated_header_fields_are_refused_or_loaded_correctly(seed, mutations):
                                 st.integers(0, 2000), st.binary(min_size=1, max_size=8)),
                       min_size=1, max_size=3))
 def test_mutated_bytes_are_refused_or_loaded_correctly(seed, index, edits):
-    datasets = _datasets(_stored(seed), (1, 0, 0, 0, 1, 0), (0.0, 0.0, 0.0), 3.0, (0.8, 0.8))
+    stored = _stored(seed)
+    datasets = _datasets(stored, (1, 0, 0, 0, 1, 0), (0.0, 0.0, 0.0), 3.0, (0.8, 0.8))
     with tempfile.TemporaryDirectory() as tmp:
         paths = _write(datasets, Path(tmp), range(SLICES))
         original = {path: _pydicom_hu(path) for path in paths}
         data = paths[index].read_bytes()
+        preamble_only = True  # the 128-byte preamble is free for applications: changes nothing
         for op, offset, payload in edits:
             offset %= len(data) + 1
+            preamble_only &= op == "overwrite" and offset + len(payload) <= 128
             if op == "truncate":
                 data = data[:offset]
             elif op == "overwrite":
@@ -227,4 +258,34 @@ def test_mutated_bytes_are_refused_or_loaded_correctly(seed, index, edits):
             else:
                 data = data[:offset] + payload + data[offset:]
         paths[index].write_bytes(data)
+        if preamble_only:
+            _check_unharmed(Path(tmp), paths, stored)
         _check(Path(tmp), original)
+
+
+HARMLESS = {
+    "InstanceNumber": FIELDS["InstanceNumber"],
+    "SliceLocation": finite.map(lambda v: f"{v:.6g}"),
+}
+
+
+@settings(FUZZ, max_examples=40)
+@given(seed=st.integers(0, 2**16), modality=st.sampled_from(["CT", "MR", "OT"]),
+       mutations=st.lists(st.tuples(st.sampled_from(sorted(HARMLESS)), st.integers(0, SLICES - 1),
+                                    st.booleans()).flatmap(
+           lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), HARMLESS[t[0]])),
+           min_size=1, max_size=4))
+def test_harmless_header_mutations_load_the_unmutated_volume(seed, modality, mutations):
+    """Fields the loader does not need once ImagePositionPatient orders the slices, changed or
+    deleted slice by slice (and one Modality for all): never a refusal, always the same volume."""
+    stored = _stored(seed)
+    datasets = _datasets(stored, (1, 0, 0, 0, 1, 0), (-10.0, 5.0, -40.0), 2.5, (0.7, 0.7))
+    for ds in datasets:
+        ds.Modality = modality
+    for keyword, k, delete, value in mutations:
+        if delete and keyword in datasets[k]:
+            delattr(datasets[k], keyword)
+        else:
+            setattr(datasets[k], keyword, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        _check_unharmed(Path(tmp), _write(datasets, Path(tmp), range(SLICES)), stored)

@@ -10,9 +10,9 @@ from torch import nn
 
 from ctseg.cli import main
 from ctseg.networks import build_network, list_networks
-from ctseg.networks.report import activation_bytes, network_report
+from ctseg.networks.report import activation_bytes, count_layers, network_report
 
-KEYS = {"name", "params", "param_mb", "activation_mb", "cpu_ms_per_slice"}
+KEYS = {"name", "variant", "layers", "params", "param_mb", "activation_mb", "cpu_ms_per_slice"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,6 +49,23 @@ def test_cli_models_json(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == list_networks()
     assert all(KEYS <= set(r) for r in rows)
+
+
+def test_cli_models_thesis_variant_gives_the_study_table(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The study's Table 2 (3 input channels, features 64..512): parameters and layers."""
+    assert main(["models", "--variant", "thesis", "--in-channels", "3", "--features",
+                 "64,128,256,512", "--size", "16", "--repeats", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["variant"], r["params"], r["layers"]) for r in rows] == [
+        ("unet", "thesis", 31_037_633, 72), ("unet_spconv", "thesis", 13_025_357, 199),
+        ("unet_ra", "thesis", 31_037_633, 72), ("unet_mcnet", "thesis", 77_414_275, 200)]
+
+
+def test_count_layers_skips_containers_and_pass_throughs() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Identity(),
+                          nn.Sequential(nn.ReLU(), nn.BatchNorm2d(2)))
+    assert count_layers(model, torch.randn(2, 1, 4, 4)) == 3  # conv, ReLU, BN
 
 
 def test_cli_models_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ only the parameter-count tests build full-width networks, and they never run the
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -17,14 +18,18 @@ from torch import nn
 
 from ctseg.errors import ConfigError, ModelError
 from ctseg.networks import build_network, list_networks
-from ctseg.networks.attention import ResidualAttention
+from ctseg.networks.attention import ResidualAttention, parameter_free_attention
 from ctseg.networks.blocks import DoubleConv, conv3x3
-from ctseg.networks.cie import CIE
+from ctseg.networks.cie import CIE, ThesisCIE
 from ctseg.networks.conv_module import ConvModule
-from ctseg.networks.mfe import MFE, branch_widths
+from ctseg.networks.mfe import MFE, SplitMFE, branch_widths
+from ctseg.networks.report import count_layers
 from ctseg.networks.spconv import SPConv
 
 NAMES = ["unet", "unet_spconv", "unet_ra", "unet_mcnet"]
+# every network of both variants; the thesis unet is the default one (tested below), not repeated
+VERSIONS = [(n, "default") for n in NAMES] + [(n, "thesis") for n in NAMES[1:]]
+VERSION_IDS = [f"{v}-{n}" for n, v in VERSIONS]
 TINY = (8, 16, 32)
 
 
@@ -42,9 +47,10 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def tiny(name: str, in_channels: int = 1, out_channels: int = 2) -> nn.Module:
+def tiny(name: str, in_channels: int = 1, out_channels: int = 2,
+         variant: str = "default") -> nn.Module:
     torch.manual_seed(0)
-    return build_network(name, in_channels, out_channels, features=TINY)
+    return build_network(name, in_channels, out_channels, features=TINY, variant=variant)
 
 
 def test_registry_names() -> None:
@@ -56,6 +62,83 @@ def test_registry_names() -> None:
 def test_unet_parameter_count_matches_study() -> None:
     assert n_params(build_network("unet", 3, 1, features=(64, 128, 256, 512))) == 31_037_633
     assert n_params(build_network("unet", 3, 1)) == 31_037_633  # the default features
+
+
+STUDY_ARGS = dict(in_channels=3, out_channels=1, features=(64, 128, 256, 512))
+
+
+@pytest.mark.parametrize("variant, counts", [
+    ("default", [31_037_633, 13_025_921, 31_562_281, 48_354_927]),
+    ("thesis", [31_037_633, 13_025_357, 31_037_633, 77_414_275]),  # the study's Table 2
+])
+def test_parameter_counts_of_both_variants(variant: str, counts: list[int]) -> None:
+    assert [n_params(build_network(n, variant=variant, **STUDY_ARGS)) for n in NAMES] == counts
+
+
+def test_thesis_layer_counts_match_the_study() -> None:
+    x = torch.zeros(1, 3, 16, 16)
+    layers = [count_layers(build_network(n, variant="thesis", **STUDY_ARGS).eval(), x)
+              for n in NAMES]
+    assert layers == [72, 199, 72, 200]
+
+
+def test_thesis_unet_is_the_default_unet() -> None:
+    default, thesis = tiny("unet"), tiny("unet", variant="thesis")
+    assert {k: v.shape for k, v in default.state_dict().items()} == \
+        {k: v.shape for k, v in thesis.state_dict().items()}
+
+
+def test_thesis_ra_has_no_weights_but_gates_the_skips() -> None:
+    """ver4 thesis = ver1's weights exactly; with the same weights, its output still differs."""
+    unet, ra = tiny("unet").eval(), tiny("unet_ra", variant="thesis").eval()
+    ra.load_state_dict(unet.state_dict())  # strict: the same parameters and buffers
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(unet(x), ra(x))
+    skip = torch.rand(2, 8, 9, 7) + 0.1
+    out = parameter_free_attention(skip, torch.randn(2, 16, 4, 3))
+    assert out.shape == skip.shape and torch.all(out > skip) and torch.all(out < 2 * skip)
+
+
+def test_thesis_spconv_lifts_with_a_bias_free_1x1_and_uses_spconv_everywhere() -> None:
+    model = build_network("unet_spconv", 3, 1, features=TINY, variant="thesis")
+    assert isinstance(model.lift, nn.Conv2d) and model.lift.bias is None
+    lift = model.lift
+    assert (lift.in_channels, lift.out_channels, lift.kernel_size) == (3, 4, (1, 1))
+    assert isinstance(model.encoder[0].block[0], SPConv)
+    assert sum(isinstance(m, SPConv) for m in model.modules()) == 2 * (2 * len(TINY) + 1)
+    assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1
+                   for m in model.modules())  # every 3x3 is an SPConv's group-wise conv
+
+
+def test_thesis_mcnet_has_conv_modules_in_encoder_and_decoder() -> None:
+    model = build_network("unet_mcnet", 3, 1, features=TINY, variant="thesis")
+    assert all(isinstance(b, ConvModule) and isinstance(b.cie, ThesisCIE)
+               and isinstance(b.mfe, SplitMFE) for b in [*model.encoder, *model.decoder])
+    assert isinstance(model.bottleneck, DoubleConv)
+    assert not any(isinstance(m, nn.BatchNorm2d) for b in model.encoder
+                   for part in (b.cie, b.mfe) for m in part.modules())
+    assert all(m.bias is not None for b in model.encoder for part in (b.cie, b.mfe)
+               for m in part.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_split_mfe_gives_each_branch_its_share_of_the_input_channels() -> None:
+    """torch.split into 1/4, 1/8, 1/2, 1/8 of the input, one part per branch; the fusing conv
+    outputs one channel, added to every input channel."""
+    mfe = SplitMFE(64).eval()
+    assert mfe.widths == [16, 8, 32, 8]
+    seen: dict[str, torch.Tensor] = {}
+    for name, module in [("b1", mfe.branch1), ("b2", mfe.pool), ("b3", mfe.branch3[0]),
+                         ("b4", mfe.branch4[0])]:
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0]))
+    x = torch.randn(2, 64, 9, 7)
+    with torch.no_grad():
+        out = mfe(x)
+    for name, (lo, hi) in {"b1": (0, 16), "b2": (16, 24), "b3": (24, 56), "b4": (56, 64)}.items():
+        assert torch.equal(seen[name], x[:, lo:hi]), name
+    assert mfe.smooth.out_channels == 1
+    added = out - x
+    torch.testing.assert_close(added, added[:, :1].expand_as(added))
 
 
 def test_spconv_parameter_count() -> None:
@@ -147,7 +230,12 @@ def test_residual_attention_only_amplifies_the_skip() -> None:
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(name="vnet"), "unknown network 'vnet'"),
-    (dict(name="unet", alpha=0.5), r"unet: unknown option\(s\) alpha \(accepted: none\)"),
+    (dict(name="unet", alpha=0.5),
+     r"unet \(default\): unknown option\(s\) alpha \(accepted: none\)"),
+    (dict(name="unet_ra", variant="thesis", attention_ratio=0.5),
+     r"unet_ra \(thesis\): unknown option\(s\) attention_ratio \(accepted: none\)"),
+    (dict(name="unet", variant="paper"), "unet: unknown variant 'paper'"),
+    (dict(name="unet_mcnet", variant="thesis", features=[4, 8]), r"SplitMFE\(4\): needs >= 8"),
     (dict(name="unet_ra", dropout=0.1), r"accepted: attention_ratio"),
     (dict(name="unet_spconv", alpha="half"), "option alpha must be a number"),
     (dict(name="unet", features=[]), "features must be a non-empty list"),
@@ -176,29 +264,135 @@ def test_too_small_input_is_a_model_error() -> None:
 
 # --- every network ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
-def test_odd_input_gives_output_of_input_size(name: str) -> None:
-    model = tiny(name, in_channels=1, out_channels=2).eval()
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_odd_input_gives_output_of_input_size(name: str, variant: str) -> None:
+    model = tiny(name, in_channels=1, out_channels=2, variant=variant).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 97, 83)).shape == (1, 2, 97, 83)
-        assert tiny(name, in_channels=3).eval()(torch.randn(2, 3, 33, 40)).shape == (2, 2, 33, 40)
+        wide = tiny(name, in_channels=3, variant=variant).eval()
+        assert wide(torch.randn(2, 3, 33, 40)).shape == (2, 2, 33, 40)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_every_parameter(name: str) -> None:
-    model = tiny(name).train()
-    (model(torch.randn(2, 1, 35, 33)) ** 2).mean().backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, pname
-        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+def generic_point(model: nn.Module) -> nn.Module:
+    """`model` in float64 with random BatchNorm scales and shifts.
 
-
-@pytest.mark.parametrize("name", NAMES)
-def test_eval_mode_is_deterministic(name: str) -> None:
-    model = tiny(name).eval()
-    x = torch.randn(2, 1, 40, 36)
+    At initialisation (BN bias 0) some gradients are zero for every input: BN -> ReLU is then
+    positively homogeneous in the BN scale, and a bias-free conv -> train-mode BN after it is
+    scale-invariant, so a one-channel BN's scale gets exactly zero gradient (float32 shows
+    rounding noise of 1e-10 there, which made the old test pass or fail by chance). That zero
+    belongs to the starting point, not to the wiring; at a generic point it is gone. Conv biases
+    are made slightly positive for the same reason: a ReLU after a one-channel 1x1 conv of a
+    non-negative map (the thesis MFE's narrow branches at width 8) is dead for every input when
+    its random weight and bias are both negative.
+    """
+    g = torch.Generator().manual_seed(1)
+    model = model.double()
     with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g, dtype=torch.float64))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                m.bias.copy_(0.05 + 0.1 * torch.rand(m.bias.shape, generator=g,
+                                                     dtype=torch.float64))
+    return model
+
+
+def structural_zeros(model: nn.Module) -> set[str]:
+    """Parameters whose gradient is zero at every point, and why.
+
+    SPConv's redundant 1x1 conv keeps the bias of the official code (its parameter count is the
+    study's), but feeds a BatchNorm straight away: in train mode BN subtracts the batch mean, so a
+    per-channel constant added before it cancels exactly and its gradient is 0. The same holds
+    for a transposed conv's bias where the decoder block starts with SPConv: the concatenation
+    puts the up-sampled channels last, which is exactly SPConv's redundant part (alpha 0.5), so
+    that bias too only reaches the 1x1 -> BN path (the test's input needs no zero-padding, which
+    would make the constant uneven).
+    """
+    zeros = {f"{name}.conv1x1.bias" for name, m in model.named_modules() if isinstance(m, SPConv)}
+    for i, (up, block) in enumerate(zip(model.ups, model.decoder)):
+        first = block.block[0] if isinstance(block, DoubleConv) else None
+        if isinstance(first, SPConv) and first.conv1x1.in_channels == up.out_channels:
+            zeros.add(f"ups.{i}.bias")
+    return zeros
+
+
+def gradient_report(model: nn.Module, in_channels: int = 1) -> tuple[dict[str, float], float]:
+    """Each parameter's gradient norm after a backward pass over several float64 inputs, and the
+    median norm (the scale that "zero" is judged against)."""
+    model = model.train()
+    g = torch.Generator().manual_seed(2)
+    loss = sum((model(torch.randn(2, in_channels, 32, 40, generator=g, dtype=torch.float64))
+                * torch.randn(1, 2, 32, 40, generator=g, dtype=torch.float64)).sum()
+               for _ in range(3))
+    model.zero_grad()
+    loss.backward()
+    norms = {n: (float("nan") if p.grad is None else p.grad.norm().item())
+             for n, p in model.named_parameters()}
+    return norms, float(torch.tensor(list(norms.values())).nanmedian())
+
+
+def disconnected(model: nn.Module) -> list[str]:
+    """Parameters with no gradient, or one that is rounding-size against the median (1e-9 of it:
+    float64 rounding is ~1e-16 relative, a real gradient at a generic point is many orders above),
+    leaving out the structural zeros, which must really be zero."""
+    norms, scale = gradient_report(model)
+    zeros = structural_zeros(model)
+    for name in zeros:
+        assert norms[name] < 1e-9 * scale, f"{name} was expected to be a structural zero"
+    return [n for n, v in norms.items()
+            if n not in zeros and not (math.isfinite(v) and v > 1e-9 * scale)]
+
+
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_gradients_reach_every_parameter(name: str, variant: str) -> None:
+    assert disconnected(generic_point(tiny(name, variant=variant))) == []
+
+
+def test_gradient_check_finds_a_disconnected_parameter() -> None:
+    """The check above must fail when a parameter is really cut off from the output: an unused
+    conv (no gradient at all), and a BatchNorm that runs but whose output is multiplied by zero
+    (a gradient of exactly zero)."""
+    model = generic_point(tiny("unet"))
+    model.unused = nn.Conv2d(1, 1, 3).double()
+    assert disconnected(model) == ["unused.weight", "unused.bias"]
+    model.decoder[0].block[1] = Bypass(model.decoder[0].block[1])
+    assert set(disconnected(model)) == {"unused.weight", "unused.bias",
+                                        "decoder.0.block.1.inner.weight",
+                                        "decoder.0.block.1.inner.bias"}
+
+
+class Bypass(nn.Module):
+    """Passes its input on and adds 0 x `inner`'s output: `inner` runs but gets zero gradient."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0 * self.inner(x)
+
+
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_eval_mode_uses_running_statistics_and_is_batch_independent(name: str,
+                                                                    variant: str) -> None:
+    """Train mode normalises with the batch's statistics (so a slice's output depends on its batch
+    mates); eval mode uses the running statistics, so one slice alone gives what it gives inside a
+    batch. Fails if BN stays in train mode or any layer (SPConv's pooling, attention) mixes the
+    batch."""
+    model = tiny(name, variant=variant).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1, 40, 36, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(x + 0.5)  # move the running statistics away from their initial values
+        train_batch, train_alone = model(x)[:1], model(x[:1])
+        model.eval()
+        eval_batch, eval_alone = model(x)[:1], model(x[:1])
+    assert not torch.allclose(train_batch, train_alone)  # batch statistics: depends on mates
+    assert not torch.allclose(eval_batch, train_batch)   # running vs batch statistics
+    torch.testing.assert_close(eval_alone, eval_batch)
 
 
 def synthetic_batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,10 +408,10 @@ def synthetic_batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Ten
     return label + 0.3 * torch.randn(label.shape, generator=g), label
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_network_learns_a_fixed_batch(name: str) -> None:
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_network_learns_a_fixed_batch(name: str, variant: str) -> None:
     image, label = synthetic_batch()
-    model = tiny(name, out_channels=1).train()
+    model = tiny(name, out_channels=1, variant=variant).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     loss_fn = DiceCELoss(sigmoid=True)
     losses = []
@@ -230,9 +424,9 @@ def test_network_learns_a_fixed_batch(name: str) -> None:
     assert min(losses[-5:]) < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_works_inside_monai_inferers(name: str) -> None:
-    model = tiny(name).eval()
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_works_inside_monai_inferers(name: str, variant: str) -> None:
+    model = tiny(name, variant=variant).eval()
     sliding = SlidingWindowInferer(roi_size=(32, 32), sw_batch_size=2, overlap=0.25)
     slices = SliceInferer(roi_size=(32, 32), spatial_dim=0, sw_batch_size=2, overlap=0.25)
     with torch.no_grad():
@@ -240,21 +434,21 @@ def test_works_inside_monai_inferers(name: str) -> None:
         assert slices(torch.randn(1, 1, 3, 40, 36), model).shape == (1, 2, 3, 40, 36)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_builds_from_a_monai_bundle_config(name: str) -> None:
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_builds_from_a_monai_bundle_config(name: str, variant: str) -> None:
     parser = ConfigParser({"network_def": {
         "_target_": "ctseg.networks.build_network", "name": name, "in_channels": 1,
-        "out_channels": 2, "features": list(TINY)}})
+        "out_channels": 2, "features": list(TINY), "variant": variant}})
     model = parser.get_parsed_content("network_def").eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 24, 24)).shape == (1, 2, 24, 24)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_traces_scripts_and_exports(name: str) -> None:
+@pytest.mark.parametrize("name, variant", VERSIONS, ids=VERSION_IDS)
+def test_traces_scripts_and_exports(name: str, variant: str) -> None:
     """TorchScript (traced or scripted) runs without ctseg installed, e.g. as a bundle's model.ts;
     a trace keeps the size arithmetic, so it also runs on odd sizes it was not traced with."""
-    model = tiny(name).eval()
+    model = tiny(name, variant=variant).eval()
     x, odd = torch.randn(1, 1, 48, 40), torch.randn(2, 1, 41, 37)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and jit deprecation warnings

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -19,10 +22,9 @@ from ctseg.config import apply_overrides, load_config
 from ctseg.data import discover_cases
 from ctseg.data.phantom import write_phantom_dataset
 from ctseg.errors import ConfigError
-from ctseg.infer.predictor import predict_volume
 from ctseg.io import load_series, save_nifti
 from ctseg.train import train
-from ctseg.train.checkpoint import load_checkpoint, load_model
+from ctseg.train.checkpoint import load_checkpoint
 from ctseg.train.loop import HISTORY_COLUMNS
 from ctseg.train.tracking import Tracker
 
@@ -44,6 +46,13 @@ def tiny_config(root: Path, **train_overrides) -> dict:
         "tracking": {"uri": f"sqlite:///{root / 'runs' / 'mlflow.db'}", "experiment": "ctseg-test"},
     }
     return apply_overrides(config, [f"train.{k}={v}" for k, v in train_overrides.items()])
+
+
+def _untracked(root: Path, overrides: list[str]) -> dict:
+    """tiny_config with dotted overrides, without MLflow (faster, and nothing to check there)."""
+    config = apply_overrides(tiny_config(root), overrides)
+    config["tracking"]["enabled"] = False
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +107,38 @@ def test_run_folder_is_complete(runs):
     assert ckpt["split"] == split and ckpt["epoch"] == 2
 
 
-def test_best_checkpoint_predicts_like_validation(runs):
-    run = runs["a"]
-    model, config = load_model(run)
-    case = next(c for c in discover_cases(runs["cases"])
-                if c.name == json.loads((run / "split.json").read_text())["val"][0])
-    volume = load_series(case.image)
-    labels, probs = predict_volume(model, volume.array, config)
-    assert labels.shape == volume.shape and labels.dtype == np.uint8
-    assert probs.shape == (2, *volume.shape)
-    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+@pytest.fixture(scope="module")
+def learned_run(runs, tmp_path_factory) -> Path:
+    """A run that really segments (validation Dice about 0.8): 3 epochs of 64 slices, 8..16 features."""
+    config = _untracked(runs["root"], ["train.epochs=3", "train.slices_per_epoch=64",
+                                       "model.features=[8,16]"])
+    return train(config, runs["cases"], tmp_path_factory.mktemp("learned") / "run", device="cpu")
+
+
+@pytest.mark.slow
+def test_best_checkpoint_predicts_like_validation(learned_run, runs, tmp_path, capsys):
+    """`ctseg predict` with the run folder, scored by `ctseg evaluate`, gives the Dice the run
+    logged for its validation case (best checkpoint, same preprocessing and post-processing).
+
+    Tolerance: the forward pass may run with other threads than training's validation did, so a
+    voxel whose probability sits on the threshold can flip; one flipped voxel moves the Dice by at
+    most 2 / (|pred| + |truth|), and three are allowed (about 1e-3 here)."""
+    run = learned_run
+    logged = json.loads((run / "metrics.json").read_text())["val_per_case"]
+    val = json.loads((run / "split.json").read_text())["val"]
+    assert main(["predict", "--model", str(run), "--input", str(runs["cases"]),
+                 "--output", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(runs["cases"]),
+                 "--output", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "eval" / "cases.csv", newline="") as f:
+        scored = {row["case"]: float(row["dice"]) for row in csv.DictReader(f)}
+    with open(tmp_path / "eval" / "slices.csv", newline="") as f:
+        slices = list(csv.DictReader(f))
+    for case in val:
+        voxels = sum(int(r["truth_pixels"]) + int(r["pred_pixels"]) for r in slices if r["case"] == case)
+        assert voxels > 100 and 0.5 < logged[case]["dice"] < 1.0  # a case worth comparing
+        assert scored[case] == pytest.approx(logged[case]["dice"], abs=3 * 2 / voxels), case
 
 
 def test_resume_restores_exactly(runs):
@@ -223,3 +254,93 @@ def test_multiclass_training_through_the_cli(runs, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["network"]["out_channels"] == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["optim"]["name"] == "rmsprop"
+
+
+# --------------------------------------------------------------------------- stopping and schedule
+
+@pytest.fixture(scope="module")
+def plateau_run(runs, tmp_path_factory) -> Path:
+    """The tiny network, which barely improves, with early stopping (patience 2) and the LR halved
+    after every epoch without a better Dice (floored at 0.003): both rules get to act."""
+    config = _untracked(runs["root"], ["train.epochs=8", "train.early_stopping=2", "optim.lr=0.01",
+                                       "optim.plateau_patience=0", "optim.plateau_factor=0.5",
+                                       "optim.min_lr=0.003"])
+    return train(config, runs["cases"], tmp_path_factory.mktemp("plateau") / "run", device="cpu")
+
+
+def test_early_stopping_stops_patience_epochs_after_the_best(plateau_run):
+    metrics = json.loads((plateau_run / "metrics.json").read_text())
+    dice = [float(row["val_dice"]) for row in _history(plateau_run)]
+    assert len(dice) == metrics["epochs"] < 8  # stopped before train.epochs
+    assert metrics["epochs"] == metrics["best_epoch"] + 2
+    assert max(dice[metrics["best_epoch"]:]) <= dice[metrics["best_epoch"] - 1]
+    assert load_checkpoint(plateau_run / "checkpoints" / "best.pt")["epoch"] == metrics["best_epoch"]
+
+
+def test_learning_rate_follows_reduce_on_plateau_of_the_validation_dice(plateau_run):
+    """The logged LR of each epoch is what torch's ReduceLROnPlateau gives for the logged Dice."""
+    rows = _history(plateau_run)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, mode="max", factor=0.5,
+                                                          patience=0, min_lr=0.003)
+    expected = []
+    for row in rows:
+        schedule.step(float(row["val_dice"]))
+        expected.append(reference.param_groups[0]["lr"])
+    logged = [float(row["lr"]) for row in rows]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert logged[0] == 0.01 and min(logged) == pytest.approx(0.003)  # reduced, down to min_lr
+
+
+def test_time_limit_stops_after_the_epoch_that_crosses_it(runs, tmp_path, caplog):
+    config = _untracked(runs["root"], ["train.epochs=5", "train.early_stopping=null",
+                                       "train.time_limit_minutes=0.0001"])  # 6 ms: inside epoch 1
+    with caplog.at_level(logging.INFO, logger="ctseg.train.loop"):
+        run = train(config, runs["cases"], tmp_path / "run", device="cpu")
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+    assert len(_history(run)) == 1 and (run / "checkpoints" / "best.pt").is_file()
+    assert any("time limit of 0.0001 min reached" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- data pipeline options
+
+def test_context_slices_train_a_multichannel_network_that_predicts(runs, tmp_path, capsys):
+    config = _untracked(runs["root"], ["train.epochs=1", "data.context=3"])
+    run = train(config, runs["cases"], tmp_path / "run", device="cpu")
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["network"]["in_channels"] == 3
+    assert main(["predict", "--model", str(run), "--input", str(runs["cases"]),
+                 "--output", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for case in discover_cases(runs["cases"]):
+        mask = nib.load(tmp_path / "pred" / f"{case.name}.nii.gz")
+        assert mask.shape == load_series(case.image).array.T.shape  # NIfTI is (x, y, z)
+
+
+@pytest.mark.slow
+def test_loader_workers_only_parallelise_loading(runs, tmp_path, monkeypatch):
+    """Without random augmentation, worker processes feed the same batches in the same order:
+    the run is the one trained with loading in the main process (and the workers did load)."""
+    from ctseg.data.dataset import SliceDataset
+
+    getitem = SliceDataset.__getitem__
+
+    def spy(self, i):  # runs in the worker processes: leaves a file named after the process
+        (tmp_path / "loaders" / str(os.getpid())).touch()
+        return getitem(self, i)
+
+    monkeypatch.setattr(SliceDataset, "__getitem__", spy)
+    outcomes, timing = [], {"epoch_seconds", "slices_per_second"}
+    for workers in (0, 2):
+        (tmp_path / "loaders").mkdir()
+        config = _untracked(runs["root"], ["train.epochs=2", f"train.num_workers={workers}"])
+        config["augment"] = {}
+        run = train(config, runs["cases"], tmp_path / f"workers{workers}", device="cpu")
+        loaders = {int(p.name) for p in (tmp_path / "loaders").iterdir()}
+        assert (loaders == {os.getpid()}) if workers == 0 else (len(loaders - {os.getpid()}) >= workers)
+        shutil.rmtree(tmp_path / "loaders")
+        outcomes.append(([{k: v for k, v in r.items() if k not in timing} for r in _history(run)],
+                         load_checkpoint(run / "checkpoints" / "last.pt")["model"]))
+    (history0, weights0), (history2, weights2) = outcomes
+    assert history0 == history2
+    for key in weights0:
+        assert torch.equal(weights0[key], weights2[key]), key

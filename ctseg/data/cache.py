@@ -141,13 +141,12 @@ def cache_cases(cases: Iterable[CaseLike], config: dict,
 
 
 def load_case_volume(case: CaseLike):
-    """Read a case's image as a CTVolume: a DICOM series folder or a NIfTI file."""
-    from ctseg.io import load_nifti, load_series
+    """Read a case's image as a CTVolume: a DICOM series folder, or an image file in any
+    format `ctseg.io.load_image` reads."""
+    from ctseg.io import load_image, load_series
 
     image = Path(case.image)
-    if image.is_file() and image.name.endswith((".nii", ".nii.gz")):
-        return load_nifti(image)
-    return load_series(image)
+    return load_series(image) if image.is_dir() else load_image(image)
 
 
 def _write_source(case: CaseLike, entry: Path) -> None:

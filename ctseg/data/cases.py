@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import Iterator
 
 from ctseg.errors import DicomError
+from ctseg.io.formats import IMAGE_SUFFIXES, image_stem
+from ctseg.io.redact import show_path
 
 log = logging.getLogger(__name__)
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_IMAGE_NAMES = tuple(f"image{s}" for s in IMAGE_SUFFIXES)
 _MASK_SUFFIXES = ("_seg.npz", "_seg.nii.gz", "_seg.nii")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One image (a DICOM series folder or a NIfTI file) and its label map, if any."""
+    """One image (a DICOM series folder or an image file) and its label map, if any."""
 
     name: str
     image: Path
@@ -39,25 +42,27 @@ def discover_cases(case_dir: str | Path) -> list[Case]:
 
     Layouts:
     - seed: `Images/<case>/` (DICOM) + `Segmentations/<case>_seg.npz` (or `_seg.nii.gz`);
-    - one folder per case: `<case>/` with DICOM anywhere inside (or `<case>/image.nii.gz`),
-      mask `<case>/mask.nii.gz` or `<case>_seg.nii.gz` beside the folder;
-    - NIfTI files: `<case>.nii.gz` with `<case>_seg.nii.gz` beside it;
+    - one folder per case: `<case>/` with DICOM anywhere inside (or `<case>/image.nii.gz`,
+      `image.nrrd`, `image.mha`, `image.mhd`), mask `<case>/mask.nii.gz` or `<case>_seg.nii.gz`
+      beside the folder;
+    - image files: `<case>.nii.gz` (or `.nrrd`, `.mha`, `.mhd`) with `<case>_seg.nii.gz` beside it;
     - `case_dir` itself a single DICOM series folder: one case named after the folder.
     """
     root = Path(case_dir)
     if not root.is_dir():
-        raise DicomError(f"{root}: case folder not found")
+        raise DicomError(f"{show_path(root)}: case folder not found")
     if (root / "Images").is_dir():
         cases = _seed_layout(root)
     else:
         cases = _folder_layout(root)
     if not cases:
-        raise DicomError(f"{root}: no cases found; expected Images/<case>/ with "
+        raise DicomError(f"{show_path(root)}: no cases found; expected Images/<case>/ with "
                          "Segmentations/<case>_seg.npz, or one folder of DICOM files per case")
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DicomError(f"{root}: case names occur twice: {', '.join(duplicates)}")
+        raise DicomError(f"{show_path(root)}: case names occur twice: "
+                         f"{', '.join(map(show_path, duplicates))}")
     return sorted(cases, key=lambda c: c.name)
 
 
@@ -67,7 +72,7 @@ def _seed_layout(root: Path) -> list[Case]:
     for folder in _subfolders(root / "Images"):
         label = _first_existing(segmentations / f"{folder.name}{s}" for s in _MASK_SUFFIXES)
         if label is None:
-            log.info("case %s has no mask in %s", folder.name, segmentations.name)
+            log.info("case %s has no mask in %s", show_path(folder.name), segmentations.name)
         cases.append(Case(folder.name, folder, label))
     return cases
 
@@ -77,15 +82,16 @@ def _folder_layout(root: Path) -> list[Case]:
         return [Case(root.name, root, _folder_mask(root))]
     cases = []
     for folder in _subfolders(root):
-        nifti = _first_existing(folder / f"image{s}" for s in _NIFTI_SUFFIXES)
-        if nifti is not None:
-            cases.append(Case(folder.name, nifti, _folder_mask(folder)))
+        image = _first_existing(folder / name for name in _IMAGE_NAMES)
+        if image is not None:
+            cases.append(Case(folder.name, image, _folder_mask(folder)))
         elif _has_dicom_files(folder, recursive=True):
             cases.append(Case(folder.name, folder, _folder_mask(folder)))
         else:
-            log.info("skipped folder %s: no DICOM files or image.nii.gz inside", folder.name)
+            log.info("skipped folder %s: no DICOM files or image file (image.nii.gz, .nrrd, "
+                     ".mha, .mhd) inside", show_path(folder.name))
     for path in sorted(root.iterdir()):
-        name = _nifti_stem(path)
+        name = image_stem(path)
         if name is None or name.endswith("_seg") or not path.is_file():
             continue
         label = _first_existing(root / f"{name}{s}" for s in _MASK_SUFFIXES)
@@ -105,13 +111,6 @@ def _subfolders(folder: Path) -> list[Path]:
 
 def _first_existing(paths) -> Path | None:
     return next((p for p in paths if p.is_file()), None)
-
-
-def _nifti_stem(path: Path) -> str | None:
-    for suffix in _NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
 
 
 def _has_dicom_files(folder: Path, recursive: bool) -> bool:

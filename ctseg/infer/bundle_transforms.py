@@ -1,133 +1,213 @@
-"""The MONAI pieces `bundles/lung_ct_segmentation/configs/inference.yaml` names by `_target_`.
+"""The bundle's own MONAI components: `ctseg export-bundle` ships this module as `scripts/transforms.py`.
 
-The bundle runs MONAI's `SupervisedEvaluator`; these components let it read CT the way ctseg
-does and write exactly what `ctseg predict` writes:
+A MONAI bundle must run where only MONAI and a few indexed packages are installed, so this module
+imports nothing of ctseg but `ctseg.errors`, `ctseg.io` and `ctseg.data.cases`, which the export
+vendors beside it (imports rewritten to `scripts.`); everything else is torch, numpy and MONAI.
+The bundle configs name these by `_target_` around MONAI's own transforms:
 
-- `case_datalist(dataset_dir)`: the cases of a folder (DICOM series folder, case folder in any
-  layout, NIfTI files) as MONAI data dicts `{"image": path, "case": name}`;
-- `LoadCTSeriesd`: a dictionary transform that loads a case through `ctseg.io` into a MetaTensor
-  laid out as MONAI's `LoadImaged` + `EnsureChannelFirstd` would lay out the `ctseg convert`
-  NIfTI: (1, x, y, z) HU with the RAS affine in its metadata;
-- `CTSliceInferer`: a MONAI `Inferer` running the 2D network slice by slice through
-  `ctseg.infer.predictor.predict_volume` (MONAI's `SlidingWindowInferer` with a 2D ROI, the
-  windowing/resizing/2.5D stacking of the model's config), returning class probabilities on
-  the CT's own grid;
-- `SaveCTMaskd`: writes `<output_dir>/<case>.nii.gz` through `ctseg.io.save_nifti`.
+- `case_datalist(dataset_dir)`: the cases of a folder (DICOM series folder, seed layout, one folder
+  per case, NIfTI files) as MONAI data dicts, with labels for training;
+- `LoadCTSeriesd`: a case's CT (and mask) through the vendored `io` as (1, x, y, z) MetaTensors with
+  the RAS affine, what `LoadImaged` + `EnsureChannelFirstd` give for the NIfTI `ctseg convert` writes;
+- `StackContextd`: 2.5D context, each axial slice with its neighbours as channels;
+- `RestoreSlicesd`: per-slice class probabilities resized back to the CT's grid, in MONAI's layout;
+- `InForegroundBoxd`: runs MONAI label transforms in the foreground's bounding box (same result,
+  a fraction of the time);
+- `SaveCTMaskd`: `<output_dir>/<case>.nii.gz` through the vendored NIfTI writer.
 
-`bundle_root()` lets the config find its own folder, so the bundle runs from any directory.
+Each copies what `ctseg predict` does; tests/test_bundle.py keeps the outputs equal.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.inferers import Inferer
-from monai.transforms import MapTransform
 
-from ctseg.errors import CTSegError
-from ctseg.infer.predict import find_inputs, load_volume, output_path
-from ctseg.infer.predictor import predict_volume
-from ctseg.io import save_nifti
+from ctseg.data.cases import Case, discover_cases
+from ctseg.errors import CTSegError, DicomError
+from ctseg.io import CTVolume, load_mask, load_nifti, load_series, save_nifti
 
 log = logging.getLogger(__name__)
 
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
-def bundle_root(default: str = ".") -> str:
-    """The folder of the bundle whose config is being run (the parent of its `configs/`).
 
-    MONAI's `ConfigWorkflow` knows its config folder (it puts the bundle root on `sys.path`
-    before running) but does not expose it to the config; this finds the workflow on the call
-    stack and derives the root the same way. `--bundle_root` overrides it as usual.
+def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[str, str]]:
+    """The cases of `dataset_dir` (or the one NIfTI file it names) as `{"image", "case"[, "label"]}`.
+
+    With `labelled`, only cases with a mask, and at least one is required (training, evaluation).
     """
-    from monai.bundle import ConfigWorkflow
+    path = Path(dataset_dir).resolve()
+    if path.is_file():
+        stem = _nifti_stem(path)
+        if stem is None:
+            raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
+                             "series as its folder")
+        cases = [Case(stem, path)]
+    elif path.exists():
+        cases = discover_cases(path)
+    else:
+        raise DicomError(f"{path}: no such file or folder")
+    if not labelled:
+        return [{"image": str(c.image), "case": c.name} for c in cases]
+    data = [{"image": str(c.image), "label": str(c.label), "case": c.name} for c in cases if c.label]
+    if not data:
+        raise DicomError(f"{path}: no case has a mask (Segmentations/<case>_seg.npz, "
+                         "<case>/mask.nii.gz or <case>_seg.nii.gz)")
+    return data
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        workflow = frame.f_locals.get("self")
-        if isinstance(workflow, ConfigWorkflow):
-            root = Path(workflow.config_root_path)
-            return str((root.parent if root.name == "configs" else root).resolve())
-        frame = frame.f_back
-    return default
+
+def _nifti_stem(path: Path) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
 
 
-def case_datalist(dataset_dir: str | Path) -> list[dict[str, str]]:
-    """Every case of `dataset_dir` (or the one NIfTI file it names) as `{"image", "case"}` dicts."""
-    return [{"image": str(case.image), "case": case.name} for case in find_inputs(dataset_dir)]
+def load_volume(image: str | Path) -> CTVolume:
+    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
+    return load_nifti(image) if _nifti_stem(Path(image)) is not None else load_series(image)
 
 
-class LoadCTSeriesd(MapTransform):
-    """Load a DICOM series folder or NIfTI file through `ctseg.io` as a channel-first MetaTensor.
+def _channel_first(array_zyx: np.ndarray, affine: np.ndarray, source: Path) -> MetaTensor:
+    """(z, y, x) -> MetaTensor (1, x, y, z) with the RAS affine; only geometry in the metadata."""
+    affine_t = torch.as_tensor(affine, dtype=torch.float64)
+    meta = {"original_affine": affine_t.clone(), "space": "RAS",
+            "spatial_shape": np.asarray(array_zyx.shape[::-1]), "filename_or_obj": str(source),
+            "original_channel_dim": "no_channel"}
+    array = torch.from_numpy(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)))[None]
+    return MetaTensor(array, affine=affine_t, meta=meta)
 
-    The array is (1, x, y, z) float32 HU and `meta["affine"]` the RAS affine of those voxel axes,
-    i.e. what `LoadImaged` + `EnsureChannelFirstd` give for the NIfTI `ctseg convert` writes.
-    Only geometry enters the metadata; no DICOM header field that could identify a patient.
+
+class LoadCTSeriesd(mt.MapTransform):
+    """Load a case's CT (DICOM series folder or NIfTI) and optionally its mask as (1, x, y, z).
+
+    The CT is float32 HU, the mask uint8 on the CT's grid (seed `.npz` or NIfTI), both with the
+    CT's RAS affine. No DICOM header field that could identify a patient enters the metadata.
     """
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection = "image", label_key: str | None = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.label_key = label_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             source = Path(d[key])
             volume = load_volume(source)
-            affine = torch.as_tensor(volume.affine, dtype=torch.float64)
-            meta = {"original_affine": affine.clone(), "space": "RAS",
-                    "spatial_shape": np.asarray(volume.shape[::-1]), "filename_or_obj": str(source),
-                    "original_channel_dim": "no_channel"}
-            array = torch.from_numpy(np.ascontiguousarray(volume.array.transpose(2, 1, 0)))[None]
-            d[key] = MetaTensor(array, affine=affine, meta=meta)
+            d[key] = _channel_first(volume.array, volume.affine, source)
+            if self.label_key is not None:
+                mask_path = Path(d[self.label_key])
+                d[self.label_key] = _channel_first(load_mask(mask_path, volume), volume.affine, mask_path)
         return d
 
 
-class CTSliceInferer(Inferer):
-    """Segment (B, 1, x, y, z) HU volumes with a 2D network, slice by slice, as `ctseg predict` does.
+def context_indices(z: int, depth: int, k: int) -> np.ndarray:
+    """Indices of the k slices centred on z, clamped to [0, depth) (edge slices repeat)."""
+    return np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, depth - 1)
 
-    `config` is the model's ctseg config (the bundle's `ctseg_config`): it fixes the training
-    size (the sliding window's 2D ROI), HU window, 2.5D context, slices per batch, flip TTA and
-    the number of classes. Returns a MetaTensor (B, C, x, y, z) of probabilities on the input's
-    grid: for a binary model the foreground probability only (C = 1, threshold it with
-    `AsDiscreted(threshold=infer.threshold)`), otherwise one channel per class (`argmax`).
+
+class StackContextd(mt.MapTransform):
+    """(z, H, W) -> (k, z, H, W): channel c of slice z is slice z + c - k // 2 (clamped).
+
+    `SliceInferer(spatial_dim=0)` then feeds the network (k, H, W) slices, as training did.
     """
 
-    def __init__(self, config: dict) -> None:
-        self.config = config
+    def __init__(self, keys: KeysCollection, context: int = 1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if context < 1 or context % 2 == 0:
+            raise CTSegError(f"StackContextd: context must be a positive odd number, got {context}")
+        self.context = context
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        if inputs.ndim != 5 or inputs.shape[1] != 1:
-            raise CTSegError(f"CTSliceInferer expects (batch, 1, x, y, z) HU volumes, got {tuple(inputs.shape)}")
-        if not isinstance(network, torch.nn.Module):
-            raise CTSegError("CTSliceInferer needs the network as a torch.nn.Module")
-        device = next(network.parameters()).device
-        outputs = []
-        for volume in inputs:
-            hu_zyx = torch.as_tensor(volume[0], dtype=torch.float32).detach().cpu().permute(2, 1, 0)
-            _, probs = predict_volume(network, hu_zyx.contiguous().numpy(), self.config, device)
-            if probs.shape[0] == 2:  # binary: keep the foreground channel
-                probs = probs[1:]
-            outputs.append(torch.from_numpy(np.ascontiguousarray(probs.transpose(0, 3, 2, 1))))
-        out = torch.stack(outputs)
-        if isinstance(inputs, MetaTensor):
-            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
-            out.is_batch = inputs.is_batch
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            volume = d[key]
+            if volume.ndim != 3:
+                raise CTSegError(f"StackContextd: expected a (z, H, W) volume, got {tuple(volume.shape)}")
+            depth = volume.shape[0]
+            index = torch.stack([torch.as_tensor(context_indices(z, depth, self.context))
+                                 for z in range(depth)]).T
+            d[key] = volume[index.to(volume.device)]
+        return d
+
+
+class RestoreSlicesd(mt.MapTransform):
+    """Per-slice maps (C, z, H, W) -> (C, x, y, z) on the CT's grid, as `ctseg predict` resizes them.
+
+    Bilinear resizing of each (H, W) map to the CT's (y, x), applied to probabilities (before
+    thresholding), so boundaries fall at the CT's resolution. The grid and affine come from the
+    loaded CT (`image_key`'s `spatial_shape` and `original_affine`).
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        meta = d[self.image_key].meta
+        cols, rows, depth = (int(s) for s in meta["spatial_shape"])
+        affine = torch.as_tensor(meta["original_affine"], dtype=torch.float64)
+        for key in self.key_iterator(d):
+            probs = torch.as_tensor(d[key]).float()
+            channels = probs.shape[0]
+            if probs.ndim != 4 or probs.shape[1] != depth:
+                raise CTSegError(f"RestoreSlicesd: expected ({channels}, {depth}, H, W), got {tuple(probs.shape)}")
+            probs = probs.reshape(channels * depth, *probs.shape[2:])
+            probs = mt.Resize(spatial_size=(rows, cols), mode="bilinear")(probs)
+            probs = torch.as_tensor(probs).reshape(channels, depth, rows, cols)
+            restored = probs.permute(0, 3, 2, 1).contiguous()
+            d[key] = MetaTensor(restored, affine=affine, meta={"original_affine": affine.clone(),
+                                                               "space": "RAS"})
+        return d
+
+
+class InForegroundBoxd(mt.MapTransform):
+    """Apply label transforms to the foreground's bounding box (+1 voxel) of (1, ...) label maps.
+
+    For transforms whose result depends only on the labelled voxels and their connectivity to the
+    volume border (connected components, hole filling) this equals applying them to the whole map
+    (the margin, outside all labels, connects the box's border to the volume's), at the cost of the
+    box: MONAI's `FillHoles` took 8 s on a whole 154x512x512 thoracic CT.
+    """
+
+    def __init__(self, keys: KeysCollection, transforms: Sequence[Callable],
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transforms = mt.Compose(list(transforms))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.in_box(d[key])
+        return d
+
+    def in_box(self, labels: torch.Tensor) -> torch.Tensor:
+        if labels.ndim < 2 or labels.shape[0] != 1:
+            raise ValueError(f"InForegroundBoxd expects a (1, ...) label map, got {tuple(labels.shape)}")
+        found = torch.nonzero(labels[0])
+        if found.numel() == 0:
+            return labels
+        lo = (found.min(dim=0).values - 1).clamp(min=0)
+        hi = found.max(dim=0).values + 2
+        box = (slice(None), *(slice(int(a), int(b)) for a, b in zip(lo, hi)))
+        out = labels.clone()
+        out[box] = torch.as_tensor(self.transforms(labels[box].clone()), dtype=labels.dtype)
         return out
 
 
-class SaveCTMaskd(MapTransform):
-    """Write a (1, x, y, z) label map as `<output_dir>/<case>.nii.gz` (uint8) through `ctseg.io`.
-
-    The affine comes from the label's own MetaTensor metadata, which `LoadCTSeriesd` set from the
-    CT, so the file carries exactly the geometry `ctseg convert` gives that CT.
-    """
+class SaveCTMaskd(mt.MapTransform):
+    """Write a (1, x, y, z) label map as `<output_dir>/<case>.nii.gz` (uint8, the CT's affine)."""
 
     def __init__(self, keys: KeysCollection, output_dir: str | Path, name_key: str = "case",
                  allow_missing_keys: bool = False) -> None:
@@ -144,9 +224,18 @@ class SaveCTMaskd(MapTransform):
             array = labels.detach().cpu().numpy()
             if array.ndim != 4 or array.shape[0] != 1:
                 raise CTSegError(f"SaveCTMaskd: expected a (1, x, y, z) label map, got {array.shape}")
-            path = output_path(self.output_dir, str(d[self.name_key]))
+            path = self.output_path(str(d[self.name_key]))
             save_nifti(np.rint(array[0]).astype(np.uint8).transpose(2, 1, 0),
                        labels.affine.cpu().numpy(), path, kind="label")
             log.info("wrote %s", path)
         return d
 
+    def output_path(self, case: str) -> Path:
+        """`output_dir/<case>.nii.gz`, refused when the case name would leave `output_dir`."""
+        if case in ("", ".", "..") or any(c in case for c in ("/", "\\", "\x00")):
+            raise CTSegError(f"case name {case!r} cannot be used as a file name")
+        root = self.output_dir.resolve()
+        path = (root / f"{case}.nii.gz").resolve()
+        if path.parent != root:
+            raise CTSegError(f"case name {case!r} would write outside {root}")
+        return path

@@ -1,31 +1,40 @@
-"""`ctseg export-bundle RUN_DIR`: a trained run as a complete MONAI bundle.
+"""`ctseg export-bundle RUN_DIR`: a trained run as a MONAI bundle that runs without ctseg.
 
-The committed `bundles/lung_ct_segmentation/` is the template: its `configs/inference.yaml`,
-`configs/metadata.json`, `configs/logging.conf`, `docs/` and `LICENSE`. The export fills in what
-belongs to the run, leaving the rest of the template as it is:
+The committed `bundles/lung_ct_segmentation/` is the template (configs, docs, LICENSE; no weights,
+no measured figures). The export fills in what belongs to the run:
 
-- inference.yaml: `network_def` (ctseg's registry by `_target_`, the run's network arguments),
-  `ctseg_config` (the run's preprocessing and inference settings: HU window, size, 2.5D context,
-  classes, threshold, TTA, post-processing) and `postprocessing` (discretisation, the MONAI
-  post-processing transforms `ctseg predict` applies, the NIfTI writer);
-- metadata.json: library versions of this environment, network input/output format, metrics;
+- configs/inference.yaml: `network_def` (the bundle's own registry, the run's network arguments
+  passed through as they are), `ctseg_config` (the run's preprocessing and inference settings, read
+  by `ctseg predict --model BUNDLE`), and the same values written into MONAI's own transforms:
+  the HU window (`ScaleIntensityRanged`), the size (`Resized`), the 2.5D context, `SliceInferer`'s
+  ROI and batch, the discretisation and post-processing;
+- configs/train.yaml (fine-tuning with `monai.bundle run training`) and configs/evaluate.yaml (Dice
+  of the bundle's masks), with the same preprocessing;
+- scripts/: the Python the configs name, copied from ctseg with imports rewritten (`ctseg.` ->
+  `scripts.`): `ctseg.infer.bundle_transforms` as `scripts/transforms.py`, and every ctseg module it
+  and the network registry import. The copy is refused if it would need more than torch, MONAI,
+  numpy, pydicom, nibabel and the standard library;
+- configs/metadata.json (schema 20240725): versions, network format, metrics; the version is the
+  previous export's (or the template's) with the patch number bumped, and a changelog line added;
 - docs/README.md: the part between the `ctseg-export` markers (training run, measured metrics);
-- models/model.pt: the state_dict (loadable with `torch.load(weights_only=True)`);
-- models/model.ts: TorchScript (MONAI's `convert_to_torchscript`, metadata embedded as MONAI's
-  `ckpt_export` does) and models/model.pt2: a `torch.export` program (TorchScript is deprecated
-  in recent PyTorch). Both run without ctseg installed and are checked against the network.
+- models/model.pt (state_dict), model.ts (TorchScript) and model.pt2 (`torch.export`);
+  large_files.yml lists them with their SHA-256, as MONAI's `download_large_files` reads it.
 
-The bundle is assembled in a temporary folder beside OUTPUT and swapped in whole, so OUTPUT is
-never left half-written.
+An existing OUTPUT is replaced only with `overwrite=True`, and then only the files listed above
+are replaced (each atomically); anything else in it (`eval/`, the user's files) stays.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 import warnings
 from importlib import metadata as importlib_metadata
@@ -40,31 +49,41 @@ import yaml
 from ctseg.config import get
 from ctseg.errors import ConfigError, CTSegError, ModelError
 from ctseg.infer.model_loader import LoadedModel, load_model
-from ctseg.infer.postprocess import bundle_postprocess, postprocess_settings, postprocess_steps
-from ctseg.infer.predictor import num_classes
+from ctseg.infer.postprocess import postprocess_settings, postprocess_steps
+from ctseg.infer.predictor import AUTO_BATCH, num_classes
 from ctseg.transforms import hu_window, training_size
 from ctseg.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 BUNDLE_NAME = "lung_ct_segmentation"
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
-TEMPLATE_FILES = ("configs/inference.yaml", "configs/metadata.json", "configs/logging.conf",
-                  "docs/README.md", "LICENSE")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE_DIR = PACKAGE_ROOT.parent / "bundles" / BUNDLE_NAME
+SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+              "meta_schema_20240725.json")
+TEMPLATE_FILES = ("configs/inference.yaml", "configs/train.yaml", "configs/evaluate.yaml",
+                  "configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE")
 CARD_START, CARD_END = "<!-- ctseg-export:start -->", "<!-- ctseg-export:end -->"
-REQUIRED_PACKAGES = ("ctseg", "pytorch-ignite", "nibabel", "pydicom", "scikit-image", "scipy", "pyyaml")
-CONFIG_HEADER = """\
-# MONAI bundle: 2D CT segmentation run slice by slice over each 3D series (see docs/README.md).
-# network_def, ctseg_config and postprocessing were written by `ctseg export-bundle` from the
-# trained run; the rest is the template in ctseg's bundles/lung_ct_segmentation/.
-#   python -m monai.bundle run --config_file <bundle>/configs/inference.yaml \\
-#       --dataset_dir <DICOM case folder> --output_dir <mask folder> [--tracking mlflow]
-"""
+#: What the bundle needs beyond MONAI, torch and numpy (their versions have their own fields):
+#: DICOM reading (pydicom, its pixel-data plugins), NIfTI (nibabel), and what MONAI itself needs
+#: for `monai.bundle run` (fire, pyyaml, pytorch-ignite engines) and for
+#: KeepLargestConnectedComponent on the CPU (scikit-image), and NRRD/MetaImage input (SimpleITK,
+#: imported only when such a file is given).
+REQUIRED_PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+                     "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
+#: Third-party imports the copied scripts may use (psutil only behind `except ImportError`: the
+#: memory guard falls back to /proc/meminfo, so the bundle does not require it).
+SCRIPT_IMPORTS = frozenset({"numpy", "torch", "monai", "pydicom", "nibabel", "SimpleITK", "psutil"})
+#: Where ctseg modules go in the bundle's `scripts` package (others keep their path).
+SCRIPT_RENAMES = {"ctseg.infer.bundle_transforms": "scripts.transforms"}
+SCRIPT_ROOTS = ("ctseg.infer.bundle_transforms", "ctseg.networks")
 LABEL_NAMES = {2: {"0": "background", "1": "lungs"}}
+MODEL_FILES = ("models/model.pt", "models/model.ts", "models/model.pt2")
 
 
 def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
-                  evaluate_dir: str | Path | None = None, template: Path = TEMPLATE_DIR) -> Path:
+                  evaluate_dir: str | Path | None = None, overwrite: bool = False,
+                  template: Path = TEMPLATE_DIR) -> Path:
     """Write the bundle for `run_dir` (best checkpoint) to `output` (default RUN_DIR/lung_ct_segmentation).
 
     With `evaluate_dir` (a labelled case folder), the exported model is run on its cases and the
@@ -72,8 +91,9 @@ def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
     """
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else run_dir / BUNDLE_NAME
-    texts = _read_template(Path(template))
-    _check_replaceable(output)
+    template = Path(template)
+    texts = _read_template(template)
+    previous = _check_output(output, template, overwrite)
     loaded = load_model(run_dir, device="cpu")
     if loaded.network is None:
         raise ModelError(f"{run_dir}: only registry networks can be bundled")
@@ -84,30 +104,37 @@ def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
     ctseg_config = bundle_ctseg_config(loaded.config)
     inference = inference_settings(yaml.safe_load(texts["configs/inference.yaml"]), loaded.network,
                                    ctseg_config)
-    meta = bundle_metadata(json.loads(texts["configs/metadata.json"]), loaded, ctseg_config, run, evaluation)
+    training = training_settings(yaml.safe_load(texts["configs/train.yaml"]), loaded.network, ctseg_config,
+                                 loaded.config)
+    meta = bundle_metadata(json.loads(texts["configs/metadata.json"]), loaded, ctseg_config, run,
+                           evaluation, previous)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        for name in ("configs/logging.conf", "LICENSE"):
+        for name in ("configs/logging.conf", "configs/evaluate.yaml", "LICENSE"):
             _write(staging / name, texts[name])
-        for extra in sorted((Path(template) / "docs").glob("*")):
+        for extra in sorted((template / "docs").glob("*")):
             if extra.is_file() and extra.name != "README.md":
                 _write(staging / "docs" / extra.name, extra.read_text())
-        inference_text = CONFIG_HEADER + yaml.safe_dump(inference, sort_keys=False, width=100, default_flow_style=None)
+        inference_text = _yaml_text(texts["configs/inference.yaml"], inference)
         _write(staging / "configs/inference.yaml", inference_text)
+        _write(staging / "configs/train.yaml", _yaml_text(texts["configs/train.yaml"], training))
         meta_text = json.dumps(meta, indent=4) + "\n"
         _write(staging / "configs/metadata.json", meta_text)
         _write(staging / "docs/README.md", model_card(texts["docs/README.md"], loaded, ctseg_config, run,
                                                       evaluation))
+        for name, text in bundle_scripts().items():
+            _write(staging / name, text)
         write_models(loaded.model, loaded.network, ctseg_config, staging / "models",
                      {"metadata.json": meta_text, "inference.yaml": inference_text})
+        _write(staging / "large_files.yml", large_files(staging))
         _make_shareable(staging)
-        _swap_in(staging, output)
+        _move_in(staging, output)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("exported %s to %s", run_dir, output)
+    log.info("exported %s to %s (version %s)", run_dir, output, meta["version"])
     return output
 
 
@@ -117,6 +144,7 @@ def bundle_ctseg_config(config: dict) -> dict:
     data = {k: v for k, v in (get(config, "data", {}) or {}).items() if k not in ("case_dir", "cache_dir")}
     infer = copy.deepcopy(get(config, "infer", {}) or {})
     infer["postprocess"] = postprocess_settings(config)
+    data["num_classes"] = num_classes(config)  # evaluate.yaml reads it
     out = {"data": copy.deepcopy(data), "infer": infer, "train": {"amp": bool(get(config, "train.amp", True))}}
     flip = get(config, "augment.flip")
     if flip:
@@ -125,34 +153,146 @@ def bundle_ctseg_config(config: dict) -> dict:
 
 
 def network_def(spec: dict) -> dict:
-    """A `_target_` entry that builds the network through ctseg's registry."""
-    return {"_target_": "ctseg.networks.build_network", "name": spec["name"],
-            "in_channels": int(spec["in_channels"]), "out_channels": int(spec["out_channels"]),
-            "features": spec.get("features"), **(spec.get("kwargs") or {})}
+    """A `_target_` entry building the network with the bundle's registry; every argument passed on."""
+    args = {k: copy.deepcopy(v) for k, v in spec.items() if k != "kwargs"}
+    return {"_target_": "scripts.networks.build_network", **args, **copy.deepcopy(spec.get("kwargs") or {})}
+
+
+def _set(transforms: list[dict], target: str, where: str, **values: Any) -> None:
+    """Set `values` on the one transform of `transforms` whose `_target_` is `target`."""
+    found = [t for t in transforms if isinstance(t, dict) and t.get("_target_") == target]
+    if len(found) != 1:
+        raise ConfigError(f"bundle template: {where} needs exactly one {target}, found {len(found)}")
+    found[0].update(values)
+
+
+def _preprocessing(settings: dict, key: str, ctseg_config: dict) -> None:
+    """The run's window, size and 2.5D context written into the MONAI transforms of `key`."""
+    lo, hi = hu_window(ctseg_config)
+    transforms = _transforms(settings, key)
+    _set(transforms, "ScaleIntensityRanged", key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    _set(transforms, "Resized", key, spatial_size=list(training_size(ctseg_config)))
+    _set(transforms, "scripts.transforms.StackContextd", key, context=int(get(ctseg_config, "data.context", 1)))
+
+
+def _transforms(settings: dict, key: str) -> list[dict]:
+    node: Any = settings
+    for part in key.split("#"):
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or not isinstance(node.get("transforms"), list):
+        raise ConfigError(f"bundle template: `{key}` must be a Compose with a transforms list")
+    return node["transforms"]
 
 
 def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
-    """The template's inference config with the run's network, settings and post-processing."""
+    """The template's inference config with the run's network, preprocessing and post-processing."""
     if not isinstance(template, dict) or "postprocessing" not in template:
         raise ConfigError("bundle template: configs/inference.yaml lacks `postprocessing`")
     settings = copy.deepcopy(template)
     settings["ctseg_config"] = ctseg_config
     settings["network_def"] = network_def(spec)
-    classes = num_classes(ctseg_config)
-    discretize = ({"_target_": "AsDiscreted", "keys": "pred", "argmax": True} if classes > 2 else
-                  {"_target_": "AsDiscreted", "keys": "pred",
-                   "threshold": float(get(ctseg_config, "infer.threshold", 0.5))})
-    saver = {"_target_": "ctseg.infer.bundle_transforms.SaveCTMaskd", "keys": "pred",
-             "output_dir": "@output_dir"}
-    settings["postprocessing"] = {"_target_": "Compose", "transforms": [
-        discretize, *bundle_postprocess(postprocess_steps(ctseg_config, classes)), saver]}
+    _preprocessing(settings, "preprocessing", ctseg_config)
+    batch = get(ctseg_config, "infer.batch_size", "auto")
+    settings["inferer"].update(
+        roi_size=list(training_size(ctseg_config)),
+        sw_batch_size=(f"$%d if @device.type == 'cpu' else %d" % (AUTO_BATCH["cpu"], AUTO_BATCH["cuda"])
+                       if batch in (None, "auto") else int(batch)))
+    settings["evaluator"]["amp"] = _amp(ctseg_config)
+    if get(ctseg_config, "infer.tta", []):
+        log.warning("the run's flip TTA (infer.tta) is not part of the bundle's inference.yaml; "
+                    "`ctseg predict --model BUNDLE` applies it")
+    saver = next((t for t in _transforms(settings, "postprocessing")
+                  if t.get("_target_") == "scripts.transforms.SaveCTMaskd"), None)
+    if saver is None:
+        raise ConfigError("bundle template: postprocessing needs scripts.transforms.SaveCTMaskd")
+    settings["postprocessing"] = {"_target_": "Compose",
+                                  "transforms": [*discretize(ctseg_config), *postprocess(ctseg_config), saver]}
     return settings
 
 
+def _amp(ctseg_config: dict) -> str | bool:
+    """Mixed precision on CUDA when the run trained with it, as `ctseg predict` does."""
+    return "$@device.type == 'cuda'" if get(ctseg_config, "train.amp", True) else False
+
+
+def discretize(ctseg_config: dict) -> list[dict]:
+    """Logits of the slices -> a (1, x, y, z) uint8 label map on the CT's grid, as `ctseg predict`."""
+    binary = num_classes(ctseg_config) == 2
+    return [{"_target_": "CastToTyped", "keys": "pred", "dtype": "$torch.float32"},
+            {"_target_": "Activationsd", "keys": "pred", "sigmoid": binary, "softmax": not binary},
+            {"_target_": "scripts.transforms.RestoreSlicesd", "keys": "pred", "image_key": "image"},
+            ({"_target_": "AsDiscreted", "keys": "pred",
+              "threshold": float(get(ctseg_config, "infer.threshold", 0.5))} if binary else
+             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}),
+            {"_target_": "CastToTyped", "keys": "pred", "dtype": "$torch.uint8"}]
+
+
+def postprocess(ctseg_config: dict, key: str = "pred") -> list[dict]:
+    """The run's post-processing as MONAI transforms, run in the foreground's box as `ctseg predict` does."""
+    steps = postprocess_steps(ctseg_config, num_classes(ctseg_config))
+    if not steps:
+        return []
+    return [{"_target_": "scripts.transforms.InForegroundBoxd", "keys": key,
+             "transforms": [{"_target_": name, **kwargs} for name, kwargs in steps]}]
+
+
+def training_settings(template: dict, spec: dict, ctseg_config: dict, run_config: dict) -> dict:
+    """The template's fine-tuning config with the run's network, preprocessing and loss.
+
+    Binary models train on soft (bilinearly resized) foreground targets as ctseg does; others on
+    nearest-resized labels made one-hot by the loss.
+    """
+    if not isinstance(template, dict) or not isinstance(template.get("train"), dict):
+        raise ConfigError("bundle template: configs/train.yaml lacks the `train` section")
+    settings = copy.deepcopy(template)
+    settings["network_def"] = network_def(spec)
+    settings["train"]["trainer"]["amp"] = _amp(ctseg_config)
+    _preprocessing(settings, "train#preprocessing", ctseg_config)
+    binary = num_classes(ctseg_config) == 2
+    transforms = _transforms(settings, "train#preprocessing")
+    _set(transforms, "Resized", "train#preprocessing", keys=["image", "label"],
+         mode=["bilinear", "bilinear" if binary else "nearest"], anti_aliasing=[True, False])
+    ratio = get(ctseg_config, "data.foreground_ratio", None)
+    if ratio is None:  # the run sampled slices as they come: one uniform random slice per sample
+        index = next(i for i, s in enumerate(transforms) if s.get("_target_") == "RandCropByPosNegLabeld")
+        crop = transforms[index]
+        transforms[index] = {"_target_": "RandSpatialCropSamplesd", "keys": crop["keys"],
+                             "roi_size": crop["spatial_size"], "num_samples": crop["num_samples"],
+                             "random_size": False}
+    else:
+        _set(transforms, "RandCropByPosNegLabeld", "train#preprocessing", pos=float(ratio), neg=1.0 - float(ratio))
+    settings["loss"] = {"_target_": "DiceCELoss", "sigmoid": binary, "softmax": not binary,
+                        "to_onehot_y": not binary,
+                        "include_background": bool(get(run_config, "loss.include_background", True)),
+                        "batch": bool(get(run_config, "loss.batch", True)),
+                        "lambda_dice": float(get(run_config, "loss.lambda_dice", 1.0)),
+                        "lambda_ce": float(get(run_config, "loss.lambda_ce", 1.0))}
+    return settings
+
+
+def _yaml_text(template_text: str, settings: dict) -> str:
+    """The settings as YAML under the template's leading comment block."""
+    head = []
+    for line in template_text.splitlines(keepends=True):
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    return "".join(head) + yaml.safe_dump(settings, sort_keys=False, width=100, default_flow_style=None)
+
+
 def bundle_metadata(template: dict, loaded: LoadedModel, ctseg_config: dict, run: dict,
-                    evaluation: list[dict]) -> dict:
-    """metadata.json: the template's descriptive fields, this environment's versions, the run's I/O."""
+                    evaluation: list[dict], previous: dict | None = None) -> dict:
+    """metadata.json: the template's descriptive fields, this environment's versions, the run's I/O.
+
+    The version is `previous`'s (the bundle being replaced) or the template's, patch bumped, with a
+    changelog line for this export on top of the earlier ones.
+    """
     meta = copy.deepcopy(template)
+    base = previous or template
+    version = bump_patch(str(base.get("version", "0.0.0")))
+    changelog = {version: f"exported from run `{run['name']}` by ctseg export-bundle "
+                          f"(network {loaded.network['name']}, best checkpoint)"}
+    changelog.update(base.get("changelog") or {})
     spec = loaded.network
     classes = num_classes(ctseg_config)
     lo, hi = hu_window(ctseg_config)
@@ -160,6 +300,9 @@ def bundle_metadata(template: dict, loaded: LoadedModel, ctseg_config: dict, run
     k = int(spec["in_channels"])
     labels = LABEL_NAMES.get(classes, {str(c): f"class {c}" for c in range(classes)})
     meta.update({
+        "schema": SCHEMA_URL,
+        "version": version,
+        "changelog": changelog,
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
@@ -197,11 +340,101 @@ def bundle_metadata(template: dict, loaded: LoadedModel, ctseg_config: dict, run
     return meta
 
 
+def bump_patch(version: str) -> str:
+    """"0.1.3" -> "0.1.4"; a version not of the form MAJOR.MINOR.PATCH is refused."""
+    match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", version.strip())
+    if match is None:
+        raise ConfigError(f"bundle version {version!r} is not MAJOR.MINOR.PATCH")
+    major, minor, patch = (int(g) for g in match.groups())
+    return f"{major}.{minor}.{patch + 1}"
+
+
 def _version(package: str) -> str:
     try:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
+
+
+# --------------------------------------------------------------------------- scripts
+def bundle_scripts() -> dict[str, str]:
+    """The bundle's `scripts/` package: ctseg's modules the configs need, imports rewritten.
+
+    Starting from `SCRIPT_ROOTS`, every `ctseg` module imported (and the packages above it) is
+    copied; anything else imported must be the standard library or `SCRIPT_IMPORTS`.
+    """
+    files = {"scripts/__init__.py": '"""Code of this bundle, copied from ctseg by `ctseg export-bundle`."""\n'}
+    todo, seen = list(SCRIPT_ROOTS), set()
+    while todo:
+        module = todo.pop()
+        if module in seen or module == "ctseg":
+            continue
+        seen.add(module)
+        source, is_package = _module_source(module)
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            for name in _imported(node, module, is_package):
+                top = name.split(".")[0]
+                if top == "ctseg":
+                    todo.append(name)
+                elif top not in SCRIPT_IMPORTS and top not in sys.stdlib_module_names and top != "__future__":
+                    raise ModelError(f"{module} imports {name}, which the bundle cannot require; "
+                                     f"its scripts may use only {', '.join(sorted(SCRIPT_IMPORTS))}")
+        parent = module.rsplit(".", 1)[0]
+        if parent != "ctseg" and module not in SCRIPT_RENAMES:
+            todo.append(parent)
+        target = SCRIPT_RENAMES.get(module, "scripts" + module[len("ctseg"):])
+        path = target.replace(".", "/") + ("/__init__.py" if is_package else ".py")
+        files[path] = _rewrite_imports(source, module)
+    return files
+
+
+def _module_source(module: str) -> tuple[str, bool]:
+    base = PACKAGE_ROOT.parent / module.replace(".", "/")
+    if (base / "__init__.py").is_file():
+        return (base / "__init__.py").read_text(), True
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py").read_text(), False
+    raise ModelError(f"{module}: not found under {PACKAGE_ROOT} (export needs ctseg's source tree)")
+
+
+def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """Modules an import statement loads: `from a.b import c` gives a.b, or a.b.c for a submodule."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        raise ModelError(f"{module}: relative imports are not supported in bundle scripts")
+    base = node.module or ""
+    out = [base]
+    if base.startswith("ctseg"):
+        for alias in node.names:
+            candidate = f"{base}.{alias.name}"
+            path = PACKAGE_ROOT.parent / candidate.replace(".", "/")
+            if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+                out.append(candidate)
+    return out
+
+
+_IMPORT_LINE = re.compile(r"^(\s*)(from|import)\s+(ctseg(?:\.\w+)*)")
+
+
+def _rewrite_imports(source: str, module: str) -> str:
+    def target(name: str) -> str:
+        for old, new in SCRIPT_RENAMES.items():
+            if name == old or name.startswith(old + "."):
+                return new + name[len(old):]
+        return "scripts" + name[len("ctseg"):]
+
+    lines = [_IMPORT_LINE.sub(lambda m: f"{m[1]}{m[2]} {target(m[3])}", line)
+             for line in source.splitlines(keepends=True)]
+    text = "".join(lines)
+    left = [n for node in ast.walk(ast.parse(text)) for n in _imported(node, module, False)
+            if n.split(".")[0] == "ctseg"]
+    if left:
+        raise ModelError(f"{module}: could not rewrite the import(s) of {', '.join(left)} for the bundle")
+    return f"# Copied from ctseg's {module} by `ctseg export-bundle`; imports rewritten to `scripts`.\n" + text
 
 
 # --------------------------------------------------------------------------- evaluation + card
@@ -254,12 +487,12 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
     lines = [
         "## This export",
         "",
-        f"- Run: `{run['name']}`; network `{spec['name']}` from ctseg's registry, features "
+        f"- Run: `{run['name']}`; network `{spec['name']}` (the registry in scripts/networks), features "
         f"{spec.get('features') or 'default'}, {params / 1e6:.2f} M parameters.",
         f"- Input: axial slices resized to {h}x{w}, HU window [{lo:g}, {hi:g}] scaled to [0, 1], "
         f"{spec['in_channels']} slice(s) per input; output: {spec['out_channels']} channel(s) of logits.",
         f"- Post-processing: {', '.join(_describe_step(s) for s in steps) or 'none'}; "
-        f"flip TTA: {('axes ' + ', '.join(map(str, tta))) if tta else 'off'}.",
+        f"flip TTA: {('axes ' + ', '.join(map(str, tta)) + ' (`ctseg predict` only)') if tta else 'off'}.",
     ]
     if split:
         lines.append("- Split (by patient): " + "; ".join(
@@ -341,11 +574,41 @@ def _read_template(template: Path) -> dict[str, str]:
     return {name: (template / name).read_text() for name in TEMPLATE_FILES}
 
 
-def _check_replaceable(output: Path) -> None:
-    """Only an empty folder or an earlier bundle is replaced, never an unrelated folder."""
-    if output.exists() and (not output.is_dir() or (any(output.iterdir())
-                                                     and not (output / "configs" / "metadata.json").is_file())):
+def _check_output(output: Path, template: Path, overwrite: bool) -> dict | None:
+    """Refuse an output inside the template, or an existing one without `overwrite` (or not a bundle).
+
+    Returns the metadata of the bundle being replaced (its version and changelog carry on).
+    """
+    resolved = output.resolve()
+    for protected in {template.resolve(), TEMPLATE_DIR.parent.resolve()}:
+        if resolved == protected or protected in resolved.parents:
+            raise CTSegError(f"{output}: inside the bundle template {protected}; an export never "
+                             "writes there, choose another --output")
+    if not output.exists():
+        return None
+    if not output.is_dir():
+        raise CTSegError(f"{output}: exists and is not a folder; choose another --output")
+    if not any(output.iterdir()):
+        return None
+    metadata = output / "configs" / "metadata.json"
+    if not metadata.is_file():
         raise CTSegError(f"{output}: exists and is not a MONAI bundle; choose another --output")
+    if not overwrite:
+        raise CTSegError(f"{output}: a bundle is already there; pass --overwrite to replace the files "
+                         "an export writes (other files, e.g. eval/, are kept)")
+    previous = _read_json(metadata)
+    if not isinstance(previous, dict):
+        raise CTSegError(f"{metadata}: unreadable; remove the old bundle or choose another --output")
+    return previous
+
+
+def large_files(bundle: Path) -> str:
+    """large_files.yml: the weights with their SHA-256 (no URL: they ship inside the bundle)."""
+    entries = []
+    for name in MODEL_FILES:
+        digest = hashlib.sha256((bundle / name).read_bytes()).hexdigest()
+        entries.append({"path": name, "url": "", "hash_val": digest, "hash_type": "sha256"})
+    return yaml.safe_dump({"large_files": entries}, sort_keys=False)
 
 
 def _make_shareable(folder: Path) -> None:
@@ -356,14 +619,15 @@ def _make_shareable(folder: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _swap_in(staging: Path, output: Path) -> None:
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(staging, output)
-    if old is not None:
-        shutil.rmtree(old)
+def _move_in(staging: Path, output: Path) -> None:
+    """Move every staged file onto its place in `output`, one atomic rename each; nothing else is touched."""
+    output.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+        target = output / path.relative_to(staging)
+        if target.is_dir() or target.is_symlink():
+            raise CTSegError(f"{target}: in the way of the exported file (a folder or link); remove it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def _write(path: Path, text: str) -> None:

@@ -14,6 +14,7 @@ expressions and instantiates any `_target_`, is used only with `trust_bundle=Tru
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,11 @@ from ctseg.utils import pick_device
 log = logging.getLogger(__name__)
 
 REGISTRY_TARGET = "ctseg.networks.build_network"
+#: Exported bundles build the network from their own copy of the registry (scripts/networks).
+BUNDLE_REGISTRY_TARGET = "scripts.networks.build_network"
 BUNDLE_CONFIG = Path("configs") / "inference.yaml"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
-_SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs")
+_SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs", "variant")
 
 
 @dataclass
@@ -92,7 +95,9 @@ def build_registry_model(spec: dict, source: Path) -> torch.nn.Module:
 
     try:
         return build_network(spec["name"], int(spec["in_channels"]), int(spec["out_channels"]),
-                             features=spec.get("features"), **(spec.get("kwargs") or {}))
+                             features=spec.get("features"),
+                             variant=spec.get("variant", "default"),  # older runs: no key
+                             **(spec.get("kwargs") or {}))
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{source}: cannot build network {spec.get('name')!r} ({exc})") from exc
 
@@ -153,7 +158,7 @@ def _registry_spec(network_def: Any, source: Path) -> dict:
     if not isinstance(network_def, dict):
         raise ModelError(f"{source}: no `network_def` mapping")
     target = network_def.get("_target_")
-    if target != REGISTRY_TARGET:
+    if target not in (REGISTRY_TARGET, BUNDLE_REGISTRY_TARGET):
         raise ModelError(f"{source}: network_def#_target_ is {target!r}; without --trust-bundle only "
                          f"{REGISTRY_TARGET!r} is built")
     args = {k: v for k, v in network_def.items() if k != "_target_"}
@@ -192,11 +197,14 @@ def _parse_trusted(bundle: Path) -> tuple[torch.nn.Module, dict]:
     if metadata.is_file():
         parser.read_meta(str(metadata))
     parser["bundle_root"] = str(bundle)
+    sys.path.insert(0, str(bundle))  # the bundle's own `scripts` package, as `monai.bundle run` finds it
     try:
         model = parser.get_parsed_content("network_def", instantiate=True)
         config = parser.get_parsed_content("ctseg_config")
     except Exception as exc:  # the bundle's own code may raise anything
         raise ModelError(f"{bundle / BUNDLE_CONFIG}: cannot build network_def ({type(exc).__name__}: {exc})") from exc
+    finally:
+        sys.path.remove(str(bundle))
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"{bundle / BUNDLE_CONFIG}: network_def is not a torch module")
     log.warning("%s: evaluated the bundle's config with MONAI's parser (--trust-bundle)", bundle)

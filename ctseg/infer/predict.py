@@ -37,13 +37,14 @@ from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import num_classes, predict_volume
-from ctseg.io import CTVolume, load_nifti, load_series, save_nifti
+from ctseg.io import CTVolume, load_image, save_nifti
+from ctseg.io.dicom_seg import save_dicom_seg
+from ctseg.io.formats import image_stem, is_image_file
 from ctseg.outputs import check_replaceable, check_writable_dir, folder_lock, is_ours, record, remove_ours
 from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, log_text
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = ("case", "status", "slices", "seconds", "slices_per_second", "foreground_ml",
                "output", "error")
@@ -69,31 +70,24 @@ class CaseResult:
 
 
 def find_inputs(path: str | Path) -> list[Case]:
-    """The cases of INPUT: a NIfTI file is one case named after the file, a folder is searched."""
+    """The cases of INPUT: an image file is one case named after the file, a folder is searched."""
     from ctseg.data import discover_cases
 
     path = Path(path).resolve()
-    if path.is_file():
-        stem = nifti_stem(path)
-        if stem is None:
-            raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
-                             "series as its folder")
-        return [Case(stem, path)]
+    if path.is_file():  # NIfTI, NRRD, MHA/MHD, or a DICOM file (multi-frame or one slice)
+        if not is_image_file(path):
+            raise DicomError(f"{path}: a file input must be an image (NIfTI, NRRD, MHA/MHD or a "
+                             "DICOM file); give a DICOM series as its folder")
+        return [Case(image_stem(path) or path.stem, path)]
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder")
     return discover_cases(path)
 
 
-def nifti_stem(path: Path) -> str | None:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
-def load_volume(image: Path) -> CTVolume:
-    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
-    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image)
+def load_volume(image: Path, series: str | None = None) -> CTVolume:
+    """A case image as a CT volume in any input format (`series` chooses among several DICOM
+    series, as `ctseg series` lists them)."""
+    return load_image(image, series)
 
 
 def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
@@ -127,7 +121,9 @@ def inference_config(config: dict, tta: bool | None = None) -> dict:
 
 def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
-                  on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+                  on_result: Callable[[CaseResult], None] | None = None,
+                  series: str | None = None,
+                  formats: tuple[str, ...] = ("nifti",)) -> list[CaseResult]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
     Under torchrun each rank segments its share of the cases (every case exactly once); the
@@ -138,7 +134,7 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     refusal = None
     if distributed.is_main():  # one check for all ranks, before any of them writes
         try:
-            check_outputs(cases, output_dir, probabilities)
+            check_outputs(cases, output_dir, probabilities, formats)
         except CTSegError as exc:
             refusal = str(exc)
     refusal = distributed.broadcast(refusal)
@@ -158,13 +154,17 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
             labels_path = output_path(output_dir, case.name)
             written = [labels_path] + ([output_path(output_dir / "probabilities", case.name)]
                                        if probabilities else [])
-            volume = load_volume(case.image)
+            if "dicom-seg" in formats:
+                written.append(output_path(output_dir, case.name, ".seg.dcm"))
+            volume = load_volume(case.image, series)
             labels, probs = predict_volume(loaded.model, volume.array, config, device)
             if probabilities:
                 save_probabilities(probs, volume.affine, written[1])
             del probs  # (classes, z, y, x) float32: the largest array of a case
             labels = postprocess_labels(labels, steps)
             save_nifti(labels, volume.affine, labels_path, kind="label")
+            if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
+                save_dicom_seg(labels, volume, written[-1])
             with folder_lock(output_dir):
                 record(output_dir, *written)
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
@@ -193,7 +193,8 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     return results
 
 
-def check_outputs(cases: list[Case], output_dir: Path, probabilities: bool) -> None:
+def check_outputs(cases: list[Case], output_dir: Path, probabilities: bool,
+                  formats: tuple[str, ...] = ("nifti",)) -> None:
     """Refuse the run before any work if an output would replace an input or a user's file."""
     planned = [output_dir / CSV_NAME]
     for case in cases:
@@ -201,6 +202,8 @@ def check_outputs(cases: list[Case], output_dir: Path, probabilities: bool) -> N
             planned.append(output_path(output_dir, case.name))
             if probabilities:
                 planned.append(output_path(output_dir / "probabilities", case.name))
+            if "dicom-seg" in formats:
+                planned.append(output_path(output_dir, case.name, ".seg.dcm"))
         except CTSegError:
             continue  # an unusable case name fails on its own, as its CSV row says
     inputs = [p for case in cases for p in (case.image, case.label) if p is not None]

@@ -11,9 +11,12 @@ to pydicom, which stays the reference: tests check both paths give the same valu
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import stat
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,9 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 from ctseg.errors import DicomError
+from ctseg.io.redact import show_path
+
+log = logging.getLogger(__name__)
 
 #: Bytes read up front; a CT header is a few kB, longer ones are read in full.
 _HEAD_BYTES = 1 << 15
@@ -76,6 +82,9 @@ HEADER_KEYWORDS = [
     "ImageOrientationPatient", "SliceLocation", "SliceThickness", "SpacingBetweenSlices",
     "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns", "PixelSpacing", "BitsAllocated",
     "BitsStored", "PixelRepresentation", "RescaleIntercept", "RescaleSlope",
+    # what tells series apart when an anonymiser blanked their UIDs
+    "StudyInstanceUID", "StudyDescription", "SeriesDescription", "SeriesNumber",
+    "AcquisitionNumber",
 ]
 _TAGS = {k: int(pydicom.tag.Tag(k)) for k in HEADER_KEYWORDS}
 _WANTED = frozenset(_TAGS.values())
@@ -87,10 +96,18 @@ _META_SYNTAX = 0x00020010
 #: because it is most likely a slice that was cut short or replaced in transfer.
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 #: Largest accepted Rows or Columns. CT slices are 512 to 2048 pixels a side; the limit keeps a
-#: corrupt header from making a decoder allocate gigabytes before the mismatch shows.
-MAX_IMAGE_SIDE = 16384
+#: corrupt (or hostile: a deflated blank 8192x8192 slice is 100 kB) header from making a decoder
+#: allocate hundreds of megabytes per file before the mismatch shows.
+MAX_IMAGE_SIDE = 4096
+#: Largest decoded pixel data of one file (Rows x Columns x frames x bytes): a multi-frame CT of
+#: 2000 frames of 512x512 int16 is 1 GiB.
+MAX_FILE_PIXEL_BYTES = 2 * 2**30
 #: Tolerance on ImageOrientationPatient's two direction cosines being unit length and orthogonal.
 ORIENTATION_TOLERANCE = 1e-2
+#: Deviation from unit length above which the (then normalised) direction cosines are reported.
+ORIENTATION_WARN = 1e-4
+#: Largest inflated header read from a deflated file before its pixel data must have started.
+_MAX_DEFLATED_HEADER = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,7 @@ class SliceHeader:
     """What ordering, validation and pixel reading need from one image file."""
 
     path: Path
+    #: "" when an anonymiser blanked it: the series is then told apart by `group_key`.
     series_uid: str
     modality: str
     manufacturer: str
@@ -120,10 +138,37 @@ class SliceHeader:
     #: Byte offset of native little-endian pixel data; None means "decode with pydicom"
     #: (compressed or big-endian transfer syntaxes).
     pixel_offset: int | None
+    study_uid: str = ""
+    study_description: str = ""
+    description: str = ""
+    series_number: int | None = None
+    acquisition_number: int | None = None
+    #: ImageType says DERIVED or SECONDARY (a reformat, MIP, ...): never chosen automatically.
+    derived: bool = False
+    #: How far ImageOrientationPatient's cosines were from unit length before normalising.
+    orientation_error: float = 0.0
+    #: True for a compressed (or deflated) file that pydicom decodes whole.
+    decoded: bool = False
 
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+
+    @property
+    def acquisition_key(self) -> tuple:
+        """The series UID, or without one what an anonymiser leaves of the acquisition."""
+        if self.series_uid:
+            return ("uid", self.series_uid)
+        return ("blank", self.study_uid, self.study_description, self.description,
+                self.series_number, self.acquisition_number, self.modality)
+
+    @property
+    def group_key(self) -> tuple:
+        """What puts files in one series: the UID, or without one acquisition and geometry."""
+        if self.series_uid:
+            return self.acquisition_key
+        return (*self.acquisition_key, tuple(np.round(self.orientation or (), 3)), self.rows,
+                self.cols, tuple(np.round(self.pixel_spacing or (), 3)))
 
 
 @dataclass
@@ -156,10 +201,7 @@ def read_header(path: Path) -> SliceHeader | str:
     multi-frame, colour).
     """
     magic = False
-    try:
-        fp = open(path, "rb")
-    except OSError as exc:  # permissions, a vanished file, I/O errors: never skipped quietly
-        raise DicomError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    fp = open_regular(path)
     try:
         with fp:
             size = os.fstat(fp.fileno()).st_size
@@ -171,9 +213,9 @@ def read_header(path: Path) -> SliceHeader | str:
                 if not magic:
                     raise _UsePydicom
                 try:
-                    raw = scan_header(data, size)
+                    raw = scan_header(data, size, fp)
                 except _NeedMore:
-                    raw = scan_header(data + fp.read(), size)
+                    raw = scan_header(data + fp.read(), size, fp)
             except _UsePydicom:
                 fp.seek(0)
                 try:
@@ -187,14 +229,41 @@ def read_header(path: Path) -> SliceHeader | str:
             struct.error) as exc:
         if not magic:  # it only looked like preamble-less DICOM
             return _not_dicom(path, size, "not a DICOM file (no preamble, does not parse)")
-        raise DicomError(f"{path}: unreadable DICOM file ({exc})") from exc
+        raise DicomError(f"{show_path(path)}: unreadable DICOM file ({exc})") from exc
+
+
+def open_regular(path: Path):
+    """`path` opened for binary reading, refused unless it is a regular file.
+
+    Opened non-blocking and checked with fstat on the open descriptor (no window for a swap):
+    a FIFO named `x.dcm` would otherwise block the read forever, a device node never end.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as exc:  # permissions, a vanished file, I/O errors: never skipped quietly
+        raise DicomError(f"{show_path(path)}: cannot read file ({exc.strerror or exc})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DicomError(f"{show_path(path)}: not a regular file ({file_kind(mode)}); only files "
+                         "are read")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def file_kind(mode: int) -> str:
+    """A word for a non-regular file type, for the messages that skip or refuse it."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"))
+    return next((word for test, word in kinds if test(mode)), "not a regular file")
 
 
 def _not_dicom(path: Path, size: int, reason: str) -> str:
     """The note for a skipped non-DICOM file; a file *named* like DICOM is refused instead."""
     reason = "empty file (0 bytes)" if size == 0 else reason
     if path.name.lower().endswith(DICOM_SUFFIXES):
-        raise DicomError(f"{path}: named like a DICOM file but {reason}; an incomplete copy? "
+        raise DicomError(f"{show_path(path)}: named like a DICOM file but {reason}; an incomplete copy? "
                          "Replace or remove it")
     return reason
 
@@ -206,22 +275,67 @@ def _looks_like_raw_dicom(head: bytes) -> bool:
 
 # --------------------------------------------------------------------------- byte scanner
 
-def scan_header(data: bytes, size: int) -> RawHeader:
-    """Scan file meta and top-level dataset elements of a file with preamble (`data` from 0)."""
+def scan_header(data: bytes, size: int, fp=None) -> RawHeader:
+    """Scan file meta and top-level dataset elements of a file with preamble (`data` from 0).
+
+    A deflated dataset is inflated from `fp` only as far as its pixel data (without `fp` it is
+    left to pydicom, which inflates the whole file first).
+    """
     meta, pos = _scan(data, 132, size, implicit=False, endian="<", meta=True)
     syntax = _text(meta.get(_META_SYNTAX, b""))
     if syntax == ImplicitVRLittleEndian:
         implicit, endian = True, "<"
     elif syntax == ExplicitVRBigEndian:
         implicit, endian = False, ">"
-    elif not syntax or syntax == "1.2.840.10008.1.2.1.99":  # unknown, or deflated
+    elif syntax == DeflatedExplicitVRLittleEndian and fp is not None:
+        values, pixel_pos = _scan_deflated(fp, pos)
+        _sop_class_from_meta(values, meta.get(_META_SOP_CLASS))
+        return RawHeader(values, syntax, False, True, pixel_pos)
+    elif not syntax or syntax == DeflatedExplicitVRLittleEndian:
         raise _UsePydicom
     else:  # explicit VR little endian, natively or around encapsulated (compressed) pixels
         implicit, endian = False, "<"
     values, pixel_pos = _scan(data, pos, size, implicit=implicit, endian=endian, meta=False)
-    if _TAGS["SOPClassUID"] not in values and _META_SOP_CLASS in meta:
-        values[_TAGS["SOPClassUID"]] = meta[_META_SOP_CLASS]
+    _sop_class_from_meta(values, meta.get(_META_SOP_CLASS))
     return RawHeader(values, syntax, implicit, endian == "<", pixel_pos)
+
+
+def _sop_class_from_meta(values: dict[int, object], meta_class: object) -> None:
+    """An absent or empty SOP Class UID (anonymisers blank it) is taken from the file meta."""
+    tag = _TAGS["SOPClassUID"]
+    current = values.get(tag)
+    if meta_class and (current is None or not str(
+            current.decode("latin-1") if isinstance(current, bytes) else current).strip(" \x00")):
+        values[tag] = meta_class
+
+
+def _scan_deflated(fp, start: int) -> tuple[dict[int, bytes], int | None]:
+    """Scan a deflated dataset, inflating 64 kB at a time only until its pixel data starts.
+
+    The returned pixel position is an offset in the inflated stream: it only says pixels exist
+    (pydicom decodes such files). Inflating everything first, as pydicom does, costs the full
+    decoded size, which is how a 100 kB file becomes 128 MB.
+    """
+    fp.seek(start)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data, pending, finished = b"", b"", False
+    while True:
+        if not pending and not finished:
+            pending = fp.read(1 << 16)
+            finished = not pending
+        if pending:
+            try:
+                data += inflater.decompress(pending, 1 << 16)
+            except zlib.error as exc:
+                raise EOFError(f"deflated data is corrupt ({exc})") from exc
+            pending = inflater.unconsumed_tail
+        done = finished or inflater.eof
+        try:
+            return _scan(data, 0, len(data) if done else len(data) + 1, implicit=False,
+                         endian="<", meta=False)
+        except _NeedMore:
+            if len(data) > _MAX_DEFLATED_HEADER:
+                raise EOFError("no pixel data within the first 4 MB of inflated header") from None
 
 
 def _scan(data: bytes, pos: int, size: int, *, implicit: bool, endian: str,
@@ -376,8 +490,8 @@ def pydicom_header(fp) -> RawHeader:
 def _pydicom_values(ds: pydicom.Dataset) -> dict[int, object]:
     values = {t: ds.get_item(t).value for t in _WANTED if t in ds}
     file_meta = getattr(ds, "file_meta", None)
-    if _TAGS["SOPClassUID"] not in values and file_meta is not None:
-        values[_TAGS["SOPClassUID"]] = str(file_meta.get("MediaStorageSOPClassUID", "") or "")
+    if file_meta is not None:
+        _sop_class_from_meta(values, str(file_meta.get("MediaStorageSOPClassUID", "") or ""))
     return values
 
 
@@ -389,65 +503,72 @@ def _slice_header(path: Path, raw: RawHeader, fp, size: int, magic: bool) -> Sli
     if not sop_class:
         if not magic:
             return "not a DICOM file (no preamble, no SOP Class UID)"
-        raise DicomError(f"{path}: unreadable DICOM file (no SOP Class UID: corrupt or not DICOM)")
+        raise DicomError(f"{show_path(path)}: unreadable DICOM file (no SOP Class UID in the dataset nor in "
+                         "the file meta: corrupt or not DICOM)")
     if sop_class in _NON_VOLUME_SOP_CLASSES:
         return f"{_NON_VOLUME_SOP_CLASSES[sop_class]} object"
     if sop_class.startswith(_RT_SOP_CLASS_ROOT):
         return "radiotherapy object"
-    if "LOCALIZER" in (t.upper() for t in v.strings("ImageType")):
+    image_type = [t.upper() for t in v.strings("ImageType")]
+    if "LOCALIZER" in image_type:
         return "localizer (scout) image"
     if sop_class in _ENHANCED_SOP_CLASSES:
-        raise DicomError(f"{path}: {_ENHANCED_SOP_CLASSES[sop_class]} Image Storage (multi-frame, "
-                         "geometry per frame) is not supported; export the series as one CT "
-                         "image file per slice")
+        raise DicomError(f"{show_path(path)}: {_ENHANCED_SOP_CLASSES[sop_class]} Image Storage (multi-frame, "
+                         "geometry per frame) is not read as part of a folder; give the file "
+                         "itself as the input, or export the series as one CT image file per slice")
     if raw.pixel_pos is None:
         if v.int("Rows") or sop_class in _VOLUME_IMAGE_SOP_CLASSES:
-            raise DicomError(f"{path}: image header but no pixel data (truncated file?)")
+            raise DicomError(f"{show_path(path)}: image header but no pixel data (truncated file?)")
         return "no pixel data (not an image)"
-    series_uid, rows, cols = v.text("SeriesInstanceUID"), v.int("Rows"), v.int("Columns")
-    if not series_uid or not rows or not cols:
-        raise DicomError(f"{path}: image without SeriesInstanceUID, Rows or Columns")
+    rows, cols = v.int("Rows"), v.int("Columns")
+    if not rows or not cols:
+        raise DicomError(f"{show_path(path)}: image without Rows or Columns")
     if max(rows, cols) > MAX_IMAGE_SIDE:
-        raise DicomError(f"{path}: declares {rows}x{cols} pixels, more than {MAX_IMAGE_SIDE} a "
+        raise DicomError(f"{show_path(path)}: declares {rows}x{cols} pixels, more than {MAX_IMAGE_SIDE} a "
                          "side; a corrupt header?")
     samples = v.int("SamplesPerPixel")
     samples, frames = 1 if samples is None else samples, v.int("NumberOfFrames") or 1
     if samples != 1:
-        raise DicomError(f"{path}: {samples} samples per pixel; a CT slice is grayscale")
+        raise DicomError(f"{show_path(path)}: {samples} samples per pixel; a CT slice is grayscale")
+    decoded_bytes = rows * cols * max(frames, 1) * max(v.int("BitsAllocated") or 16, 8) // 8
+    if decoded_bytes > MAX_FILE_PIXEL_BYTES:
+        raise DicomError(f"{show_path(path)}: declares {decoded_bytes / 2**30:.1f} GiB of pixels, more than "
+                         f"{MAX_FILE_PIXEL_BYTES / 2**30:.0f} GiB per file; a corrupt header?")
     if frames != 1:
-        raise DicomError(f"{path}: multi-frame image ({frames} frames) is not supported; "
+        raise DicomError(f"{show_path(path)}: multi-frame image ({frames} frames) is not supported; "
                          "export the series as one file per slice")
     bits_allocated, representation = v.int("BitsAllocated"), v.int("PixelRepresentation")
     if bits_allocated is None or representation is None:
         # Guessing either would misread every pixel (signed -1000 read unsigned is 64536).
-        raise DicomError(f"{path}: BitsAllocated or PixelRepresentation missing; the pixel "
+        raise DicomError(f"{show_path(path)}: BitsAllocated or PixelRepresentation missing; the pixel "
                          "values cannot be read")
     if bits_allocated not in (8, 16, 32):
-        raise DicomError(f"{path}: BitsAllocated {bits_allocated} is not supported")
+        raise DicomError(f"{show_path(path)}: BitsAllocated {bits_allocated} is not supported")
     if representation not in (0, 1):
-        raise DicomError(f"{path}: PixelRepresentation {representation} is neither 0 "
+        raise DicomError(f"{show_path(path)}: PixelRepresentation {representation} is neither 0 "
                          "(unsigned) nor 1 (signed)")
     bits_stored = v.int("BitsStored")
     bits_stored = bits_allocated if bits_stored is None else bits_stored
     if not 1 <= bits_stored <= bits_allocated:
-        raise DicomError(f"{path}: BitsStored {bits_stored} does not fit BitsAllocated "
+        raise DicomError(f"{show_path(path)}: BitsStored {bits_stored} does not fit BitsAllocated "
                          f"{bits_allocated}")
     nbytes = rows * cols * bits_allocated // 8
     slope, intercept = v.float("RescaleSlope", path), v.float("RescaleIntercept", path)
     if (slope is None) != (intercept is None):
-        raise DicomError(f"{path}: RescaleSlope and RescaleIntercept come as a pair; only "
+        raise DicomError(f"{show_path(path)}: RescaleSlope and RescaleIntercept come as a pair; only "
                          f"{'RescaleIntercept' if slope is None else 'RescaleSlope'} is present")
     if slope == 0:
-        raise DicomError(f"{path}: RescaleSlope is 0; every pixel would have the same value")
+        raise DicomError(f"{show_path(path)}: RescaleSlope is 0; every pixel would have the same value")
     pixel_spacing = v.floats("PixelSpacing", 2, path)
     if pixel_spacing is not None and min(pixel_spacing) <= 0:
-        raise DicomError(f"{path}: PixelSpacing {list(pixel_spacing)} is not positive")
+        raise DicomError(f"{show_path(path)}: PixelSpacing {list(pixel_spacing)} is not positive")
     orientation = v.floats("ImageOrientationPatient", 6, path)
+    orientation_error = 0.0
     if orientation is not None:
-        _check_orientation(orientation, path)
+        orientation, orientation_error = _check_orientation(orientation, path)
     return SliceHeader(
         path=path,
-        series_uid=series_uid,
+        series_uid=v.text("SeriesInstanceUID"),
         modality=v.text("Modality"),
         manufacturer=v.text("Manufacturer"),
         kernel=v.text("ConvolutionKernel"),
@@ -466,7 +587,15 @@ def _slice_header(path: Path, raw: RawHeader, fp, size: int, magic: bool) -> Sli
         bits_allocated=bits_allocated,
         bits_stored=bits_stored,
         signed=representation == 1,
-        pixel_offset=_native_pixel_offset(path, raw, fp, size, nbytes),
+        pixel_offset=(offset := _native_pixel_offset(path, raw, fp, size, nbytes)),
+        study_uid=v.text("StudyInstanceUID"),
+        study_description=v.text("StudyDescription"),
+        description=v.text("SeriesDescription"),
+        series_number=v.int("SeriesNumber"),
+        acquisition_number=v.int("AcquisitionNumber"),
+        derived=bool({"DERIVED", "SECONDARY"} & set(image_type[:2])),
+        orientation_error=orientation_error,
+        decoded=offset is None,
     )
 
 
@@ -508,7 +637,7 @@ class _Values:
             return None
         value = float(values[0])
         if path is not None and not math.isfinite(value):
-            raise DicomError(f"{path}: {keyword} is {values[0]}")
+            raise DicomError(f"{show_path(path)}: {keyword} is {values[0]}")
         return value
 
     def int(self, keyword: str) -> int | None:
@@ -520,21 +649,29 @@ class _Values:
         if not values:
             return None
         if len(values) != n:
-            raise DicomError(f"{path}: {keyword} has {len(values)} values, expected {n}")
+            raise DicomError(f"{show_path(path)}: {keyword} has {len(values)} values, expected {n}")
         result = tuple(float(x) for x in values)
         if not all(math.isfinite(x) for x in result):
-            raise DicomError(f"{path}: {keyword} {list(values)} is not finite")
+            raise DicomError(f"{show_path(path)}: {keyword} {list(values)} is not finite")
         return result
 
 
-def _check_orientation(orientation: tuple[float, ...], path: Path) -> None:
-    """Row and column direction cosines must be unit vectors at right angles."""
+def _check_orientation(orientation: tuple[float, ...],
+                       path: Path) -> tuple[tuple[float, ...], float]:
+    """Row and column direction cosines, normalised to unit length, and how far off they were.
+
+    They must be unit vectors at right angles within `ORIENTATION_TOLERANCE`; used unnormalised,
+    cosines of length 1.009 would scale every voxel (and the slice step) by that factor.
+    """
     row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
     with np.errstate(over="ignore", invalid="ignore"):  # 1e308 cosines overflow: refused below
-        off = np.max(np.abs([np.linalg.norm(row) - 1, np.linalg.norm(col) - 1, row @ col]))
+        lengths = np.array([np.linalg.norm(row), np.linalg.norm(col)])
+        off = np.max(np.abs([lengths[0] - 1, lengths[1] - 1, row @ col]))
     if not off <= ORIENTATION_TOLERANCE:  # written so that NaN is refused too
-        raise DicomError(f"{path}: ImageOrientationPatient {list(orientation)} is not two "
+        raise DicomError(f"{show_path(path)}: ImageOrientationPatient {list(orientation)} is not two "
                          "orthogonal unit vectors")
+    unit = np.concatenate([row / lengths[0], col / lengths[1]])
+    return tuple(float(x) for x in unit), float(np.max(np.abs(lengths - 1)))
 
 
 def _text(value: bytes) -> str:
@@ -548,7 +685,7 @@ def _native_pixel_offset(path: Path, raw: RawHeader, fp, size: int, nbytes: int)
     fp.seek(raw.pixel_pos)
     head = fp.read(12)
     if len(head) < 12:
-        raise DicomError(f"{path}: truncated inside the pixel data header")
+        raise DicomError(f"{show_path(path)}: truncated inside the pixel data header")
     group, elem = struct.unpack("<HH", head[:4])
     if (group << 16 | elem) != _PIXEL_DATA:
         return None  # float pixel data: pydicom decides
@@ -560,8 +697,8 @@ def _native_pixel_offset(path: Path, raw: RawHeader, fp, size: int, nbytes: int)
         return None  # encapsulated despite the transfer syntax: pydicom handles it
     if length < nbytes or size < start + nbytes:
         raise DicomError(
-            f"{path}: truncated pixel data ({min(length, size - start)} of {nbytes} bytes)")
+            f"{show_path(path)}: truncated pixel data ({min(length, size - start)} of {nbytes} bytes)")
     if length > nbytes + 1:  # one pad byte makes an odd length even
-        raise DicomError(f"{path}: pixel data holds {length} bytes but Rows x Columns x "
+        raise DicomError(f"{show_path(path)}: pixel data holds {length} bytes but Rows x Columns x "
                          f"BitsAllocated need {nbytes}; the declared image size is wrong")
     return start

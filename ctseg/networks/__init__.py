@@ -2,6 +2,7 @@
 
     from ctseg.networks import build_network
     model = build_network("unet_mcnet", in_channels=1, out_channels=1)
+    study = build_network("unet_mcnet", in_channels=3, out_channels=1, variant="thesis")
 
 See docs/networks.md for each block, its diagram and its source.
 """

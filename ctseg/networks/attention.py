@@ -15,6 +15,13 @@ Choices the paper leaves open, taken here:
   per-pixel affine maps with weights summing to one, so the order does not change the result but
   the projection runs on a quarter of the pixels;
 * up-sampling targets x's exact size rather than a fixed x2, so odd H or W work.
+
+`parameter_free_attention` is the thesis variant's gate: the study says its RA "does not need
+the addition of training parameters" (its ver4 has ver1's parameter and layer counts), yet the
+gate's channel-matching projections are learned convs. Without weights, the channels are matched
+by their mean (a fixed 1x1 projection to one channel): alpha = sigmoid(mean_c(x) +
+up(mean_c(g))); without the learned one-channel conv after it, a ReLU before the sigmoid would pin
+alpha to [0.5, 1), so there is none. It is plain arithmetic in the U-Net's forward, not a layer.
 """
 
 from __future__ import annotations
@@ -42,3 +49,10 @@ class ResidualAttention(nn.Module):
                           align_corners=False)
         alpha = torch.sigmoid(self.psi(F.relu(self.project_x(x) + g)))
         return x * alpha + x
+
+
+def parameter_free_attention(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The thesis RA: x*alpha + x with alpha from the channel means of x and g (no weights)."""
+    g = F.interpolate(g.mean(dim=1, keepdim=True), size=x.shape[-2:], mode="bilinear",
+                      align_corners=False)
+    return x * torch.sigmoid(x.mean(dim=1, keepdim=True) + g) + x

@@ -2,6 +2,13 @@
 
 Per network, on one (1, in_channels, size, size) slice:
 
+* `layers`: the layer count of the study's Table 2, defined here as the number of calls, in one
+  forward pass, of modules that are neither containers (nn.Sequential, nn.ModuleList,
+  nn.ModuleDict) nor the network itself, and whose output is a new tensor (a pass-through such as
+  nn.Identity or the plain skip is no layer). These are the rows torchsummary prints, less the
+  pass-throughs; functional ops (torch.cat, F.relu, the thesis RA's arithmetic) are not layers.
+  Of the definitions tried, it is the one that gives the study's 72 / 199 / 72 / 200 for the
+  thesis ver1, ver3, ver4, ver5 (tested);
 * `params`, `trainable_params`: parameter counts; `param_mb`: their storage (float32 -> 4 bytes
   each). MB here is 2**20 bytes, as in torchsummary, the usual source of such tables.
 * `activation_mb`: an *estimate* of forward + backward activation memory for a batch of one, in
@@ -32,6 +39,7 @@ from ctseg.errors import ConfigError
 from ctseg.networks.registry import build_network, list_networks
 
 MB = 2**20
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -59,6 +67,26 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
+def count_layers(model: nn.Module, x: torch.Tensor) -> int:
+    """Calls of non-container modules whose output is a new tensor, in one forward pass of `x`."""
+    count = 0
+
+    def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal count
+        if not any(output is i for i in inputs):
+            count += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if m is not model and not isinstance(m, CONTAINERS)]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count
+
+
 def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> float:
     """Median milliseconds of `repeats` forward passes of `x` (warm the model up before)."""
     times = []
@@ -72,19 +100,24 @@ def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> float
 
 def network_report(names: Sequence[str] | None = None, in_channels: int = 1,
                    out_channels: int = 1, features: Sequence[int] | None = None,
-                   size: int = 512, repeats: int = 2) -> list[dict]:
-    """One row per network (default: all), measured on a (1, in_channels, size, size) slice."""
+                   size: int = 512, repeats: int = 2, variant: str = "default") -> list[dict]:
+    """One row per network (default: all) of `variant`, measured on a (1, in_channels, size, size)
+    slice; layers are counted on the smallest slice the network takes."""
     if size < 1 or repeats < 1:
         raise ConfigError(f"size ({size}) and repeats ({repeats}) must be >= 1")
     rows = []
     x = torch.randn(1, in_channels, size, size)
     for name in names or list_networks():
-        model = build_network(name, in_channels, out_channels, features=features).eval()
+        model = build_network(name, in_channels, out_channels, features=features,
+                              variant=variant).eval()
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         rows.append({
             "name": name,
+            "variant": variant,
+            "layers": count_layers(model, torch.zeros(1, in_channels, model.min_size,
+                                                      model.min_size)),
             "params": params,
             "trainable_params": trainable,
             "param_mb": round(param_bytes / MB, 2),

@@ -11,8 +11,9 @@ Follows the official code (qiulinzhang/SPConv.pytorch, code/resnet_sp.py, `SPCon
 * stride 2: the group-wise conv strides, the 1x1 paths average-pool 2x2 first (the official code
   has a typo there, `x_1x1_se`, so its stride-2 path never ran; this one does). Pooling uses
   ceil_mode so odd sizes give the same H, W as the strided 3x3;
-* fusion without parameters: global-average-pool each branch to (B, C_out), softmax over the two
-  branches per channel, output = beta*rep + gamma*red.
+* fusion without parameters: global-average-pool each branch to (B, C_out) (two
+  AdaptiveAvgPool2d modules, as in the official module), softmax over the two branches per
+  channel, output = beta*rep + gamma*red.
 
 Both branches already end in BatchNorm; where SPConv replaces a conv inside DoubleConv, the
 block's own BN -> ReLU still follows (as the official ResNet keeps `bn2` after `SPConv_3x3`).
@@ -55,11 +56,24 @@ class SPConv(nn.Module):
         self.bn_rep = nn.BatchNorm2d(out_channels)
         self.bn_red = nn.BatchNorm2d(out_channels)
         self.pool = (nn.AvgPool2d(2, stride=2, ceil_mode=True) if stride == 2 else nn.Identity())
+        self.gap_rep = nn.AdaptiveAvgPool2d(1)
+        self.gap_red = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_rep, x_red = x[:, : self.rep_channels], x[:, self.rep_channels:]
         rep = self.bn_rep(self.gwc(x_rep) + self.pwc(self.pool(x_rep)))
         red = self.bn_red(self.conv1x1(self.pool(x_red)))
-        scores = torch.stack((rep.mean(dim=(2, 3)), red.mean(dim=(2, 3))), dim=-1)
+        scores = torch.stack((self.gap_rep(rep).flatten(1), self.gap_red(red).flatten(1)), dim=-1)
         weights = torch.softmax(scores, dim=-1)[..., None, None]  # (B, C_out, 2, 1, 1)
         return rep * weights[:, :, 0] + red * weights[:, :, 1]
+
+
+def spconv_width(channels: int, alpha: float = 0.5) -> int:
+    """The narrowest width >= `channels` that SPConv can split: int(width*alpha) even and >= 2
+    (4 for alpha 0.5). The thesis ver3 lifts the CT slice to it with a bias-free 1x1 conv."""
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"SPConv: alpha must lie strictly between 0 and 1, got {alpha}")
+    width = max(channels, 2)
+    while int(width * alpha) < 2 or int(width * alpha) % 2:
+        width += 1
+    return width

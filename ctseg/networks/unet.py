@@ -11,15 +11,20 @@ Any H, W >= 2**len(features) work: pooling floors odd sizes, and each up-sampled
 zero-padded at its bottom/right edge (at most one row and one column) to its skip's size before
 the concatenation (the Pytorch-UNet convention), so the output always has the input's H, W.
 
-The variants only swap parts:
-* `conv="spconv"` replaces every 3x3 conv inside DoubleConv by SPConv, except the very first conv,
-  which lifts the 1..k-channel CT slice with a plain 3x3 conv (SPConv needs an even
-  representative part >= 2, and the study found it failing on narrow inputs);
-* `stage_block="conv_module"` uses ConvModule (CIE -> DoubleConv -> MFE) for the encoder stages and
-  the bottleneck, where MC-Net extracts features; the decoder keeps DoubleConv, so ver5 differs
-  from ver4 only in its encoder and bottleneck;
-* `attention=True` gates every skip with a ResidualAttention block driven by the decoder map one
-  level deeper (before its up-sampling).
+The versions and variants only swap parts (the registry says which, per name and variant):
+* `conv="spconv"` replaces the 3x3 convs inside DoubleConv by SPConv. Without `lift` (default)
+  the very first conv stays a plain 3x3 that lifts the 1..k-channel CT slice (SPConv needs an
+  even representative part >= 2, and the study found it failing on narrow inputs); with `lift`
+  (thesis) a bias-free 1x1 conv first widens the slice to the narrowest width SPConv can split
+  (4 at alpha 0.5) and every 3x3 conv, the first included, is SPConv;
+* `encoder_block`, `bottleneck_block`, `decoder_block` pick each level's block: "double_conv",
+  "conv_module" (CIE -> DoubleConv -> MFE) or "conv_module_thesis" (the study's ConvModule). The
+  default ver5 uses ConvModule in the encoder and bottleneck, where MC-Net extracts features; the
+  thesis ver5 uses the study's ConvModule in the encoder and decoder around a DoubleConv
+  bottleneck;
+* `attention` gates every skip with the decoder map one level deeper (before its up-sampling):
+  "learned" (ResidualAttention), "parameter_free" (the thesis RA, arithmetic without weights) or
+  "none".
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctseg.errors import ConfigError, ModelError
-from ctseg.networks.attention import ResidualAttention
+from ctseg.networks.attention import ResidualAttention, parameter_free_attention
 from ctseg.networks.blocks import ConvFactory, DoubleConv, conv3x3
 from ctseg.networks.conv_module import ConvModule
-from ctseg.networks.spconv import SPConv
+from ctseg.networks.spconv import SPConv, spconv_width
 
 DEFAULT_FEATURES = (64, 128, 256, 512)
 CONVS = ("plain", "spconv")
-STAGE_BLOCKS = ("double_conv", "conv_module")
+BLOCKS = ("double_conv", "conv_module", "conv_module_thesis")
+ATTENTIONS = ("none", "learned", "parameter_free")
 
 
 def _pad_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -61,8 +67,9 @@ class ConcatSkip(nn.Module):
 class UNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int,
                  features: Sequence[int] = DEFAULT_FEATURES, *, conv: str = "plain",
-                 alpha: float = 0.5, stage_block: str = "double_conv", attention: bool = False,
-                 attention_ratio: float = 0.5) -> None:
+                 alpha: float = 0.5, lift: bool = False, encoder_block: str = "double_conv",
+                 bottleneck_block: str = "double_conv", decoder_block: str = "double_conv",
+                 attention: str = "none", attention_ratio: float = 0.5) -> None:
         super().__init__()
         features = tuple(features)
         if not features or any(f < 1 for f in features):
@@ -73,41 +80,53 @@ class UNet(nn.Module):
                               f"({out_channels}) must be >= 1")
         if conv not in CONVS:
             raise ConfigError(f"UNet: conv must be one of {CONVS}, got {conv!r}")
-        if stage_block not in STAGE_BLOCKS:
-            raise ConfigError(
-                f"UNet: stage_block must be one of {STAGE_BLOCKS}, got {stage_block!r}")
+        for what, block in (("encoder_block", encoder_block),
+                            ("bottleneck_block", bottleneck_block),
+                            ("decoder_block", decoder_block)):
+            if block not in BLOCKS:
+                raise ConfigError(f"UNet: {what} must be one of {BLOCKS}, got {block!r}")
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"UNet: attention must be one of {ATTENTIONS}, got {attention!r}")
         self.depth = len(features)
         self.min_size = 2 ** self.depth
+        self.parameter_free_attention = attention == "parameter_free"
 
         conv3: ConvFactory = partial(SPConv, alpha=alpha) if conv == "spconv" else conv3x3
+        if lift:
+            width = spconv_width(in_channels, alpha) if conv == "spconv" else in_channels
+            self.lift: nn.Module = nn.Conv2d(in_channels, width, 1, bias=False)
+        else:
+            width, self.lift = in_channels, nn.Identity()
 
-        def stage(c_in: int, c_out: int, first: bool = False) -> nn.Module:
-            if stage_block == "conv_module":
-                return ConvModule(c_in, c_out)
-            return DoubleConv(c_in, c_out, conv=conv3, first_conv=conv3x3 if first else None)
+        def stage(block: str, c_in: int, c_out: int, first: bool = False) -> nn.Module:
+            if block == "double_conv":
+                return DoubleConv(c_in, c_out, conv=conv3,
+                                  first_conv=conv3x3 if first and not lift else None)
+            return ConvModule(c_in, c_out, thesis=block == "conv_module_thesis")
 
         self.encoder = nn.ModuleList()
-        c_in = in_channels
+        c_in = width
         for i, f in enumerate(features):
-            self.encoder.append(stage(c_in, f, first=i == 0))
+            self.encoder.append(stage(encoder_block, c_in, f, first=i == 0))
             c_in = f
         self.pool = nn.MaxPool2d(2, 2)
-        self.bottleneck = stage(features[-1], features[-1] * 2)
+        self.bottleneck = stage(bottleneck_block, features[-1], features[-1] * 2)
 
         self.ups = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.gates = nn.ModuleList()
         for f in reversed(features):
             self.ups.append(nn.ConvTranspose2d(f * 2, f, kernel_size=2, stride=2))
-            self.gates.append(ResidualAttention(f, f * 2, ratio=attention_ratio) if attention
-                              else ConcatSkip())
-            self.decoder.append(DoubleConv(f * 2, f, conv=conv3))
+            self.gates.append(ResidualAttention(f, f * 2, ratio=attention_ratio)
+                              if attention == "learned" else ConcatSkip())
+            self.decoder.append(stage(decoder_block, f * 2, f))
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] < self.min_size or x.shape[-1] < self.min_size:
             raise ModelError(f"UNet of depth {self.depth} needs H, W >= {self.min_size}, "
                              f"got H={x.shape[-2]}, W={x.shape[-1]}")
+        x = self.lift(x)
         skips: list[torch.Tensor] = []
         for stage in self.encoder:
             x = stage(x)
@@ -115,6 +134,8 @@ class UNet(nn.Module):
             x = self.pool(x)
         x = self.bottleneck(x)
         for up, gate, block in zip(self.ups, self.gates, self.decoder):
-            skip = skips.pop()  # deepest first
-            x = block(torch.cat((gate(skip, x), _pad_to(up(x), skip)), dim=1))
+            skip = gate(skips.pop(), x)  # deepest first
+            if self.parameter_free_attention:
+                skip = parameter_free_attention(skip, x)
+            x = block(torch.cat((skip, _pad_to(up(x), skip)), dim=1))
         return self.head(x)

@@ -33,22 +33,29 @@ LAST = "last.pt"
 
 
 def network_spec(config: dict) -> dict:
-    """The registry arguments that rebuild the model described by `config`."""
+    """The registry arguments that rebuild the model described by `config`.
+
+    `variant` is written only when it is not "default": a spec without it means the default, so
+    default runs keep the spec of runs made before variants existed (resume compares specs).
+    """
     features = get(config, "model.features")
-    return {
+    variant = str(get(config, "model.variant", "default"))
+    spec = {
         "name": str(get(config, "model.name", "unet")),
         "in_channels": context_slices(config),
         "out_channels": output_channels(config),
         "features": [int(f) for f in features] if features is not None else None,
         "kwargs": dict(get(config, "model.kwargs", {}) or {}),
     }
+    return spec | ({"variant": variant} if variant != "default" else {})
 
 
 def build_model(spec: dict) -> torch.nn.Module:
     from ctseg.networks import build_network
 
     return build_network(spec["name"], spec["in_channels"], spec["out_channels"],
-                         features=spec.get("features"), **(spec.get("kwargs") or {}))
+                         features=spec.get("features"), variant=spec.get("variant", "default"),
+                         **(spec.get("kwargs") or {}))
 
 
 def build_model_from_config(config: dict) -> torch.nn.Module:

@@ -22,7 +22,7 @@ DEFAULTS: dict = {
     },
     "phantom": {"cases": 6, "seed": 0, "rows": 256, "cols": 256, "slices": 48},
     "split": {"seed": 0, "val_fraction": 0.2, "test_fraction": 0.0},
-    "model": {"name": "unet", "features": None, "kwargs": {}},
+    "model": {"name": "unet", "features": None, "kwargs": {}, "variant": "default"},  # or thesis
     "loss": {"lambda_dice": 1.0, "lambda_ce": 1.0, "batch": True, "include_background": True},
     "optim": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0,
               "plateau_factor": 0.5, "plateau_patience": 5, "min_lr": 1.0e-6},
@@ -32,6 +32,9 @@ DEFAULTS: dict = {
         "batch_size": 16,
         "slices_per_epoch": None,   # None: as many as there are training slices
         "early_stopping": 10,       # epochs without a better val Dice; None = off
+        "selection": "best",        # best: val Dice picks the checkpoint, drives the plateau LR and
+                                    # early stopping; last: fixed length, the last epoch is kept and
+                                    # validation (optional) only monitors (e.g. `ctseg cv` folds)
         "time_limit_minutes": None, # stop after the epoch that crosses it
         "clip_grad_norm": 1.0,      # None = off
         "amp": True,                # CUDA only

@@ -5,9 +5,12 @@ later stage needs: `config.yaml` (resolved), `split.json`, `checkpoints/{best,la
 `metrics.json`, `history.csv`, `qc/{best,median,worst}.png` and `tracking.json` (the MLflow run
 it logs to); MLflow gets the same (see `tracking`).
 
-Validation runs every epoch on whole held-out volumes through `predict_volume` and the model's
+Validation runs every epoch on whole validation volumes through `predict_volume` and the model's
 post-processing (`infer.postprocess`), i.e. what `ctseg predict` does, scored at the CT's original
-resolution; the best checkpoint is the one with the best mean volume Dice. `metrics.json`'s
+resolution; the best checkpoint is the one with the best mean volume Dice. With
+`train.selection: last` the run is fixed-length instead: no plateau LR, no early stopping, `best.pt`
+is the last epoch, and validation (which may then be empty) only monitors, so cases scored later
+(`ctseg cv`'s test folds) cannot have steered the run. `metrics.json`'s
 `train_seconds` is the wall time of the epochs (training + validation), `slices_per_second` the
 training slices over the time spent in training steps.
 
@@ -56,11 +59,14 @@ from ctseg.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
+VAL_KEYS = ("dice", "raw_dice", "iou", "precision", "recall", "slice_dice")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_dice", "val_iou", "val_precision", "val_recall",
                    "val_slice_dice", "lr", "epoch_seconds", "slices_per_second")
 #: Consecutive batches with a NaN/inf loss or gradient after which the run stops: one is noise
 #: (a bad slice), this many mean the weights or the data are broken.
 MAX_BAD_BATCHES = 5
+#: `train.selection`: what picks the kept checkpoint (see the module docstring).
+SELECTIONS = ("best", "last")
 
 
 @dataclass
@@ -115,6 +121,9 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
                           f"run was trained with {checkpoint['network']}; resume cannot change it")
     if int(get(config, "train.epochs", 1)) < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {get(config, 'train.epochs')}")
+    selection = get(config, "train.selection", "best")
+    if selection not in SELECTIONS:
+        raise ConfigError(f"train.selection must be one of {SELECTIONS}, got {selection!r}")
     seed = int(get(config, "train.seed", 0))
     set_determinism(seed=seed)
     check_output_location(run_dir, network_spec(config))  # before any case is read
@@ -126,8 +135,9 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
             check_split(split, [c.name for c in cases])
         else:
             split = make_split([c.name for c in cases], config["split"])
-        if not split["val"]:
-            raise ConfigError("split: training needs at least one validation case (split.val_fraction > 0)")
+        if not split["val"] and selection == "best":
+            raise ConfigError("split: training needs at least one validation case (split.val_fraction > 0), "
+                              "or train.selection=last (fixed length, no validation)")
         if distributed.is_main():
             save_config(config, run_dir / "config.yaml")
             save_split(split, run_dir / "split.json")
@@ -219,6 +229,7 @@ class _Trainer:
         self.split = split
         self.run_dir = run_dir
         self.seed = int(get(config, "train.seed", 0))
+        self.select_best = get(config, "train.selection", "best") == "best"
         self.num_classes = num_classes(config)
         self.binary = self.num_classes == 2
         self.dataset = SliceDataset(train_cases, context_slices(config), train_transforms(config))
@@ -306,7 +317,7 @@ class _Trainer:
         if s.epoch >= int(get(self.config, "train.epochs", 50)):
             return "reached train.epochs"
         patience = get(self.config, "train.early_stopping")
-        if patience is not None and s.epoch - s.best_epoch >= int(patience):
+        if self.select_best and patience is not None and s.epoch - s.best_epoch >= int(patience):
             return f"early stopping: no better validation Dice for {patience} epochs"
         limit = get(self.config, "train.time_limit_minutes")
         if limit is not None and s.elapsed_seconds >= float(limit) * 60:
@@ -319,8 +330,9 @@ class _Trainer:
             epoch = self.state.epoch + 1
             start = time.perf_counter()
             loss, slices, step_seconds = self._train_epoch(epoch, total)
-            val = self._validate()
-            self.scheduler.step(val["dice"])
+            val = self._validate() if self.val_cases else dict.fromkeys(VAL_KEYS, math.nan)
+            if self.select_best:
+                self.scheduler.step(val["dice"])
             # The slowest rank's time, so every rank takes the same time-limit decision.
             (seconds,) = distributed.all_reduce([time.perf_counter() - start], op="max")
 
@@ -334,7 +346,7 @@ class _Trainer:
                    "val_slice_dice": val["slice_dice"], "lr": self.optimizer.param_groups[0]["lr"],
                    "epoch_seconds": seconds, "slices_per_second": slices / max(step_seconds, 1e-9)}
             s.history.append(row)
-            improved = val["dice"] > s.best_val_dice
+            improved = val["dice"] > s.best_val_dice if self.select_best else True  # last: keep every epoch
             if improved:
                 s.best_val_dice, s.best_epoch = val["dice"], epoch
             if distributed.is_main():
@@ -344,7 +356,7 @@ class _Trainer:
                 save_checkpoint(self.run_dir / "checkpoints" / LAST, ckpt)
                 self._write_history()
                 self._write_metrics()
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch" and math.isfinite(v)}, step=epoch)
             logger.info("epoch %d/%d  loss %.4f  val Dice %.4f (raw %.4f, best %.4f @ %d)  slice Dice %.4f"
                         "  lr %.2g  %.1fs  %.1f slices/s", epoch, total, loss, val["dice"], val["raw_dice"],
                         s.best_val_dice, s.best_epoch, val["slice_dice"], row["lr"], seconds,
@@ -468,6 +480,7 @@ class _Trainer:
             "network": self.spec["name"],
             "train_cases": len(self.split["train"]),
             "val_cases": len(self.split["val"]),
+            "selection": "best" if self.select_best else "last",
             **(extra or {}),
         }
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
@@ -476,6 +489,14 @@ class _Trainer:
     def finish(self, tracker: Tracker) -> None:
         """Score the best checkpoint fully (with surface distances), write QC images and artifacts."""
         best_path = self.run_dir / "checkpoints" / BEST
+        if not self.val_cases:  # fixed length without validation: nothing to score
+            self._write_metrics()
+            for name in ("config.yaml", "split.json", "metrics.json", "history.csv"):
+                tracker.log_artifact(self.run_dir / name)
+            tracker.log_artifact(best_path, "checkpoints")
+            logger.info("kept the last epoch (%d), no validation cases; run folder %s", self.state.epoch,
+                        self.run_dir)
+            return
         if best_path.is_file():
             self.model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
         val = self._validate(distances=True, keep=True, sharded=False)  # rank 0 only

@@ -1,0 +1,1 @@
+"""The study: jobs that run many trainings (cross-validation)."""
