@@ -164,10 +164,18 @@ def test_evaluate_scores_absent_classes_as_missing_and_refuses_foreign_labels(tm
 # --------------------------------------------------------------------------- D9: output locations
 
 def _refused_output(argv: list[str], capsys, message: str) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    """Exit 2 with one line, before the model is loaded or any case is read."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ctseg.infer.model_loader.load_model", _no_work)
+        mp.setattr("ctseg.data.cache.load_case_volume", _no_work)
+        assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == "", captured
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the output location was checked")
 
 
 def _commands(phantom_dir: Path, run_dir: Path, tmp_path: Path, output: Path) -> list[list[str]]:
@@ -195,7 +203,6 @@ def test_output_that_is_a_file_or_under_a_file_is_refused_before_work(run_dir, p
     _refused_output(["convert", str(phantom_dir / "Images" / "Phantom_000"), str(tmp_path)],
                     capsys, "the output is an existing folder")
     assert a_file.read_text() == "keep me"
-    assert not (tmp_path / "some_pred" / "figures").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the mode")
@@ -209,6 +216,22 @@ def test_read_only_output_is_refused_before_work(run_dir, phantom_dir, tmp_path,
                         capsys, "the output folder cannot be written (Permission denied)")
     finally:
         locked.chmod(0o755)
+
+
+def test_read_only_mount_is_refused_before_work(run_dir, phantom_dir, tmp_path, capsys):
+    """The root-proof half of the case above: a real read-only tmpfs (needs mount rights)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for argv in _commands(phantom_dir, run_dir, tmp_path, mount / "out"):
+            _refused_output(argv, capsys, "the output folder cannot be written (Read-only file system)")
+        _refused_output(["convert", str(phantom_dir / "Images" / "Phantom_000"), str(mount / "ct.nii.gz")],
+                        capsys, "the output folder cannot be written (Read-only file system)")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 # --------------------------------------------------------------------------- D11: shared folders
