@@ -189,8 +189,8 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], lis
     if not matched:
         raise CTSegError(
             f"no prediction in {pred_dir} matches a labelled case in {truth_dir} by name "
-            f"(predictions: {', '.join(sorted(preds)[:5]) or 'none'}; "
-            f"cases: {', '.join(sorted(cases)[:5]) or 'none'})")
+            f"(predictions: {log_text(', '.join(sorted(preds)[:5])) or 'none'}; "
+            f"cases: {log_text(', '.join(sorted(cases)[:5])) or 'none'})")
     return matched, unmatched_preds, missing_preds
 
 
