@@ -21,6 +21,7 @@ import pytest
 
 from ctseg import __version__
 from ctseg.cli import build_parser, main
+from ctseg.errors import ConfigError
 from ctseg.infer import Segmenter
 from ctseg.io import load_series
 
@@ -150,3 +151,27 @@ def test_unknown_output_format_is_a_usage_error(capsys) -> None:
         main(["predict", "--model", "m", "-i", "x", "-o", "y", "--format", "nifti,rtss"])
     assert exc.value.code == 2
     assert "choose from nifti, dicom-seg, rtstruct" in capsys.readouterr().err
+
+
+def test_models_defaults_to_the_shipped_lung_model_and_config_overrides() -> None:
+    from ctseg.cli import _models_settings
+    from ctseg.config import config_view, load_config
+
+    parser = build_parser()
+    shipped = config_view(load_config(REPO / "pipelines" / "lctsc.yaml"))
+    assert _models_settings(parser.parse_args(["models"])) == {
+        "in_channels": shipped.data.context, "features": list(shipped.model.features),
+        "size": max(shipped.size), "variant": shipped.model.variant}
+    small = _models_settings(parser.parse_args(["models", "--config", str(REPO / "pipelines" / "train.yaml"),
+                                                "--features", "4,8"]))
+    assert small["size"] == 128 and small["features"] == [4, 8]  # the config's size, the option's widths
+
+
+def test_models_rows_come_one_by_one(capsys) -> None:
+    """The first network's row exists before the next network is even built."""
+    from ctseg.networks.report import iter_network_report
+
+    rows = iter_network_report(names=["unet", "no_such_network"], features=(4, 8), size=16, repeats=1)
+    assert next(rows)["name"] == "unet"
+    with pytest.raises(ConfigError, match="no_such_network"):
+        next(rows)
