@@ -43,7 +43,7 @@ def _ctseg_model(model: str | None, config_path: Path):
     from ctseg.config import load_config
     from ctseg.infer.model_loader import LoadedModel, load_model
     from ctseg.train.checkpoint import build_model_from_config, network_spec
-    from ctseg.train.defaults import resolve_config
+    from ctseg.config import resolve_config
 
     if model:
         return load_model(model, device="cpu")

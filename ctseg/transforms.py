@@ -37,43 +37,23 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 
-from ctseg.config import get
-from ctseg.errors import ConfigError
-
-DEFAULT_WINDOW = (-1000.0, 400.0)
+from ctseg.config import config_view
 
 
 def training_size(config: dict) -> tuple[int, int]:
-    """The in-plane (H, W) the network is trained and run at."""
-    size = get(config, "data.size", [256, 256])
-    if isinstance(size, int):
-        size = [size, size]
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.size must be an int or [H, W], got {size!r}") from exc
-    if h < 8 or w < 8:
-        raise ConfigError(f"data.size must be at least 8x8, got {size!r}")
-    return h, w
+    """The in-plane (H, W) the network is trained and run at (`data.size`)."""
+    return config_view(config).size
 
 
 def hu_window(config: dict) -> tuple[float, float]:
-    window = get(config, "data.window", list(DEFAULT_WINDOW))
-    try:
-        lo, hi = (float(v) for v in window)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"data.window must be [low_HU, high_HU], got {window!r}") from exc
-    if not hi > lo:
-        raise ConfigError(f"data.window must have low < high, got {window!r}")
-    return lo, hi
+    """`data.window` (low, high) in HU, mapped to [0, 1]."""
+    lo, hi = config_view(config).data.window
+    return float(lo), float(hi)
 
 
 def num_classes(config: dict) -> int:
     """Classes including background (2 = binary: one output channel, sigmoid)."""
-    k = int(get(config, "data.num_classes", 2))
-    if k < 2:
-        raise ConfigError(f"data.num_classes counts the background too and must be >= 2, got {k}")
-    return k
+    return config_view(config).data.num_classes
 
 
 def output_channels(config: dict) -> int:
@@ -120,42 +100,39 @@ def augment_transforms(config: dict) -> list[MapTransform]:
     image is padded with air, the label with its own border, i.e. background), then
     intensity ones (image only). A transform is left out when its probability is 0 or absent.
     """
-    aug = get(config, "augment", {}) or {}
+    aug = config_view(config).augment  # absent transforms are None; values checked by the schema
     out: list[MapTransform] = []
     both, modes = ["image", "label"], ["bilinear", "bilinear"]
 
     def prob(name: str) -> float:
-        p = float((aug.get(name) or {}).get("prob", 0.0))
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"augment.{name}.prob must be in [0, 1], got {p}")
-        return p
+        spec = getattr(aug, name)
+        return float(spec.prob) if spec is not None else 0.0
 
     if prob("rotate"):
-        rad = math.radians(float(aug["rotate"].get("degrees", 10.0)))
+        rad = math.radians(float(aug.rotate.degrees))
         out.append(RandRotated(keys=both, range_x=rad, prob=prob("rotate"), mode=modes,
                                padding_mode=["zeros", "border"], keep_size=True))
     if prob("scale"):
-        r = float(aug["scale"].get("range", 0.1))
+        r = float(aug.scale.range)
         out.append(RandZoomd(keys=both, min_zoom=1.0 - r, max_zoom=1.0 + r, prob=prob("scale"),
                              mode=modes, padding_mode=["constant", "edge"], keep_size=True))
     if prob("elastic"):
-        e = aug["elastic"]
-        spacing = float(e.get("spacing", 32))
-        magnitude = tuple(float(m) for m in e.get("magnitude", [1.0, 2.0]))
+        spacing = float(aug.elastic.spacing)
+        magnitude = tuple(float(m) for m in aug.elastic.magnitude)
         out.append(Rand2DElasticd(keys=both, spacing=(spacing, spacing), magnitude_range=magnitude,
                                   prob=prob("elastic"), mode=modes, padding_mode=["zeros", "border"]))
     if prob("flip"):
         # Flip axes are spatial axes of the (H, W) slice: 1 = left-right, 0 = anterior-posterior.
-        for axis in aug["flip"].get("axes", [1]):
+        for axis in aug.flip.axes:
             out.append(RandFlipd(keys=both, prob=prob("flip"), spatial_axis=int(axis)))
     if prob("contrast"):
-        gamma = tuple(float(g) for g in aug["contrast"].get("gamma", [0.7, 1.5]))
+        gamma = tuple(float(g) for g in aug.contrast.gamma)
         out.append(RandAdjustContrastd(keys=["image"], prob=prob("contrast"), gamma=gamma))
     if prob("noise"):
         # `std_hu` is the noise in Hounsfield units; `std` is in windowed [0, 1] units.
-        noise = aug["noise"]
+        noise = aug.noise
         lo, hi = hu_window(config)
-        std = float(noise["std_hu"]) / (hi - lo) if "std_hu" in noise else float(noise.get("std", 0.02))
+        std = float(noise.std_hu) / (hi - lo) if noise.std_hu is not None else float(noise.std)
         out.append(RandGaussianNoised(keys=["image"], prob=prob("noise"), std=std))
     return out
 

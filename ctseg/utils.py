@@ -108,5 +108,26 @@ def pick_device(requested: str | None = None):
     import torch
 
     if requested:
-        return torch.device(requested)
+        return _checked_device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _checked_device(requested: str):
+    """`requested` as a torch device, refused (ConfigError) when this machine does not have it."""
+    import torch
+
+    from ctseg.errors import ConfigError
+
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {requested}: Apple MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {requested}: ctseg runs on cpu, cuda or mps")
+    return device

@@ -26,7 +26,7 @@ from ctseg.data import discover_cases
 from ctseg.data.cache import cache_cases
 from ctseg.data.phantom import write_phantom_dataset
 from ctseg.train import train
-from ctseg.train.defaults import resolve_config
+from ctseg.config import resolve_config
 from ctseg.train.loop import MAX_BAD_BATCHES
 from ctseg.train.tracking import HTTP_LIMITS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ctseg.errors import ModelError
+from ctseg.errors import ConfigError, ModelError
 from ctseg.infer.predictor import inference_batch_size, predict_volume, preprocess_volume
 from ctseg.networks import build_network
 
@@ -85,7 +85,7 @@ def test_auto_batch_size_depends_on_the_device_and_bad_values_are_refused():
     assert inference_batch_size({}, cuda) == 32
     assert inference_batch_size({"infer": {"batch_size": 7}}, cpu) == 7
     for bad in (0, -2, 2.5, "many", True):
-        with pytest.raises(ModelError, match="infer.batch_size"):
+        with pytest.raises(ConfigError, match="infer.batch_size"):
             inference_batch_size({"infer": {"batch_size": bad}}, cpu)
     # Same labels whatever the batch: the batch only groups slices.
     model = WindowThreshold()

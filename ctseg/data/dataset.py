@@ -15,16 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.data.cache import CachedCase
 from ctseg.errors import ConfigError
 
 
 def context_slices(config: dict) -> int:
-    k = int(get(config, "data.context", 1))
-    if k < 1 or k % 2 == 0:
-        raise ConfigError(f"data.context must be a positive odd number of slices, got {k}")
-    return k
+    """`data.context`: the odd number of neighbouring slices stacked as channels (2.5D)."""
+    return config_view(config).data.context
 
 
 def context_indices(z: int, depth: int, k: int) -> np.ndarray:

@@ -105,7 +105,7 @@ def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> flo
 
     The batch is `infer.batch_size` slices at the training size, as `ctseg predict` runs them;
     a whole batch per timing also keeps a scheduler stall on a shared CPU from dominating. On
-    CUDA with the settings inference uses there (channels_last, fp16 autocast with train.amp).
+    CUDA with the settings inference uses there (channels_last, fp16 autocast with infer.amp).
     """
     from ctseg.infer.predictor import inference_batch_size
     from ctseg.transforms import training_size
@@ -115,7 +115,7 @@ def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> flo
     x = torch.randn(batch, int(run.network["in_channels"]), *training_size(run.config), device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = cuda and bool(get(run.config, "train.amp", True))
+    amp = cuda and bool(get(run.config, "infer.amp", True))
     times = []
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
         for i in range(repeats + 1):

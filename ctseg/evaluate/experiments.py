@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 
-from ctseg.config import apply_overrides, get, load_config
+from ctseg.config import apply_overrides, get, load_config, read_yaml_file
 from ctseg.errors import ConfigError
 from ctseg.utils import atomic_write_text, pick_device
 
@@ -94,7 +94,7 @@ def _merge(base: dict, over: dict) -> dict:
 def load_pipeline(path: Path, size: str = SIZES_AUTO) -> dict:
     """The pipeline with its `size` section merged over the top level (`auto`: gpu with CUDA, else cpu)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text()) or {}
+        spec = read_yaml_file(path) or {}  # size, depth and aliases capped
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read experiment pipeline ({exc})") from exc
     sizes = spec.pop("sizes", {}) or {}

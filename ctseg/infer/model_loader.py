@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from ctseg.config import read_yaml_file, resolve_config
 from ctseg.data.dataset import context_slices
 from ctseg.errors import ConfigError, ModelError
 from ctseg.infer.predictor import output_channels
@@ -69,6 +69,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     config, spec = state.get("config"), state["network"]
     if not isinstance(config, dict):
         raise ModelError(f"{checkpoint}: the checkpoint holds no config")
+    config = resolve_config(config, f"{checkpoint}: config")  # same schema as training: types, ranges
     check_network(spec, config, checkpoint)
     model = build_registry_model(spec, checkpoint)
     load_weights(model, state["model"], checkpoint)
@@ -116,9 +117,9 @@ def read_bundle_config(bundle: Path) -> dict:
     """The bundle's inference config as plain data (nothing evaluated, nothing imported)."""
     path = bundle / BUNDLE_CONFIG
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelError(f"{path}: unreadable bundle config ({exc})") from exc
+        config = read_yaml_file(path)  # size, depth and alias expansion capped
+    except ConfigError as exc:
+        raise ModelError(f"unreadable bundle config: {exc}") from exc
     if not isinstance(config, dict):
         raise ModelError(f"{path}: a bundle config must be a mapping")
     return config
@@ -142,10 +143,11 @@ def _load_bundle(bundle: Path, device: torch.device, trust: bool) -> LoadedModel
                          "was trained with); export the bundle with `ctseg export-bundle`")
     if trust:
         model, config = _parse_trusted(bundle)
+        config = resolve_config(config, f"{config_path}: ctseg_config")
         spec = None
     else:
-        config = raw["ctseg_config"]
-        _require_literal(config, f"{config_path}: ctseg_config")
+        _require_literal(raw["ctseg_config"], f"{config_path}: ctseg_config")
+        config = resolve_config(raw["ctseg_config"], f"{config_path}: ctseg_config")
         spec = _registry_spec(raw.get("network_def"), config_path)
         check_network(spec, config, config_path)
         model = build_registry_model(spec, config_path)

@@ -32,11 +32,10 @@ import torch
 from monai import transforms as mt
 from monai.config import KeysCollection
 
-from ctseg.config import get
+from ctseg.config import get, schema_defaults
 from ctseg.errors import ConfigError
 
-DEFAULT_POSTPROCESS: dict[str, Any] = {"enabled": True, "keep_largest": 2, "fill_holes": True,
-                                       "connectivity": None}
+DEFAULT_POSTPROCESS: dict[str, Any] = schema_defaults()["infer"]["postprocess"]
 
 Step = tuple[str, dict[str, Any]]
 

@@ -5,10 +5,11 @@ training is measured through exactly the code users run. Preprocessing is read f
 config (the same `ctseg.transforms.preprocess_transforms` the training cache used), never
 re-typed: HU window to [0, 1], resize every slice to `data.size`, stack `data.context` neighbours as
 channels, run the 2D network over all slices with MONAI's `SlidingWindowInferer` (2D ROI = the
-training size, `infer.batch_size` slices per forward pass, `auto` by device), optionally
-average flipped copies (`infer.tta`: list of flip axes, 0 = rows, 1 = columns), and resize the
-class probabilities back to the original (y, x) before thresholding, so boundaries are placed at
-sub-pixel precision rather than by up-sampling a coarse label map.
+training size, `infer.batch_size` slices per forward pass, `auto` by device; float16 autocast
+on CUDA unless `infer.amp: false`), optionally average flipped copies (`infer.tta`: list of flip
+axes, 0 = rows, 1 = columns), and resize the class probabilities back to the original (y, x)
+before thresholding, so boundaries are placed at sub-pixel precision rather than by up-sampling a
+coarse label map. Settings are read through the schema's typed view (`ctseg.config.config_view`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Resize
 from monai.utils import convert_to_tensor
 
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.data.dataset import context_slices, stack_context
 from ctseg.errors import ModelError
 from ctseg.transforms import num_classes, output_channels, preprocess_transforms, training_size
@@ -34,12 +35,10 @@ AUTO_BATCH = {"cpu": 4, "cuda": 32}
 
 def inference_batch_size(config: dict, device: torch.device) -> int:
     """`infer.batch_size`, with `auto` (the default) resolved for `device`."""
-    value = get(config, "infer.batch_size", "auto")
+    value = config_view(config).infer.batch_size  # checked by the schema: auto, null or 1..4096
     if value in (None, "auto"):
         return AUTO_BATCH.get(device.type, AUTO_BATCH["cuda"])
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelError(f"infer.batch_size must be a positive integer or auto, got {value!r}")
-    return value
+    return int(value)
 
 
 def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.Tensor:
@@ -72,8 +71,9 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     if expected is not None and expected != inputs.shape[1]:
         raise ModelError(f"the model takes {expected} input channel(s) but the config gives "
                          f"{inputs.shape[1]} (data.context)")
+    infer = config_view(config).infer
     cuda = device.type == "cuda"
-    amp = cuda and bool(get(config, "train.amp", True))
+    amp = cuda and infer.amp
     inferer = SlidingWindowInferer(roi_size=training_size(config),
                                    sw_batch_size=inference_batch_size(config, device),
                                    overlap=0.0, sw_device=device, device=torch.device("cpu"))
@@ -88,7 +88,7 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     was_training = model.training
     model.eval()
     try:
-        flips = [int(a) for a in (get(config, "infer.tta", []) or [])]
+        flips = list(infer.tta)
         probs = inferer(inputs, network)
         for axis in flips:
             dims = (2 + axis,)
@@ -104,7 +104,7 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     probs = convert_to_tensor(probs, track_meta=False).reshape(channels, depth, rows, cols)
     if channels == 1:
         foreground = probs[0].clamp_(0.0, 1.0)
-        labels = (foreground >= float(get(config, "infer.threshold", 0.5))).to(torch.uint8)
+        labels = (foreground >= float(infer.threshold)).to(torch.uint8)
         probs = torch.stack([1.0 - foreground, foreground])
     else:
         labels = probs.argmax(dim=0).to(torch.uint8)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ctseg.config import get, save_config
+from ctseg.config import get, resolve_config, save_config
 from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.data.split import make_split
@@ -49,8 +49,7 @@ from ctseg.infer.predictor import predict_volume
 from ctseg.io import save_nifti
 from ctseg.train import train
 from ctseg.train.checkpoint import LAST
-from ctseg.train.defaults import resolve_config
-from ctseg.train.loop import SELECTIONS, ensure_phantom
+from ctseg.train.loop import ensure_phantom
 from ctseg.train.tracking import TRACKING_FILE, Tracker, tracking_uri
 from ctseg.transforms import num_classes
 from ctseg.utils import atomic_path, atomic_write_text, pick_device
@@ -114,10 +113,8 @@ def run_cv(config: dict, case_dir: Path | None, output: Path, folds: int | None 
         raise ConfigError("cv runs in one process, fold after fold; run it without torchrun "
                           "(--device picks the GPU)")
     output = Path(output)
-    config = resolve_config(config)
+    config = resolve_config(config)  # the schema checks train.selection with every other value
     _refuse_own_split(config)
-    if get(config, "train.selection") not in SELECTIONS:
-        raise ConfigError(f"train.selection must be one of {SELECTIONS}, got {get(config, 'train.selection')!r}")
     if case_dir is None:
         case_dir = Path(get(config, "data.case_dir") or ensure_phantom(config))
     case_dir = Path(case_dir).resolve()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctseg.config import get
+from ctseg.config import resolve_config
 from ctseg.data.dataset import context_slices
 from ctseg.errors import ModelError
 from ctseg.transforms import output_channels
@@ -38,16 +38,15 @@ def network_spec(config: dict) -> dict:
     `variant` is written only when it is not "default": a spec without it means the default, so
     default runs keep the spec of runs made before variants existed (resume compares specs).
     """
-    features = get(config, "model.features")
-    variant = str(get(config, "model.variant", "default"))
+    model = resolve_config(config)["model"]  # plain lists and dicts, as saved in checkpoints
     spec = {
-        "name": str(get(config, "model.name", "unet")),
+        "name": model["name"],
         "in_channels": context_slices(config),
         "out_channels": output_channels(config),
-        "features": [int(f) for f in features] if features is not None else None,
-        "kwargs": dict(get(config, "model.kwargs", {}) or {}),
+        "features": model["features"],
+        "kwargs": model["kwargs"],
     }
-    return spec | ({"variant": variant} if variant != "default" else {})
+    return spec | ({"variant": model["variant"]} if model["variant"] != "default" else {})
 
 
 def build_model(spec: dict) -> torch.nn.Module:

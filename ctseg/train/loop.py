@@ -40,17 +40,16 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 from ctseg import distributed
-from ctseg.config import get, save_config
+from ctseg.config import Config, check_resume, config_view, resolve_config, save_config
 from ctseg.data.cache import CachedCase, cache_cases, default_cache_dir
 from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset, context_slices
 from ctseg.data.split import check_split, make_split, save_split
 from ctseg.errors import ConfigError, CTSegError, MaskError
 from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
-from ctseg.infer.postprocess import postprocess_labels, postprocess_settings, postprocess_steps
+from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import predict_volume
 from ctseg.train.checkpoint import (BEST, LAST, build_model, load_checkpoint, network_spec, rng_state,
                                     save_checkpoint, set_rng_state)
-from ctseg.train.defaults import resolve_config
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
 from ctseg.train.tracking import Tracker
@@ -65,8 +64,6 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_dice", "val_iou", "val_precision"
 #: Consecutive batches with a NaN/inf loss or gradient after which the run stops: one is noise
 #: (a bad slice), this many mean the weights or the data are broken.
 MAX_BAD_BATCHES = 5
-#: `train.selection`: what picks the kept checkpoint (see the module docstring).
-SELECTIONS = ("best", "last")
 
 
 @dataclass
@@ -112,20 +109,17 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
             raise ConfigError(f"{run_dir}: already holds a training run; continue it with "
                               f"--resume {run_dir} or choose another --output")
 
-    config = resolve_config(config)
-    config["infer"]["postprocess"] = postprocess_settings(config)  # stated in the run, as applied
+    config = resolve_config(config)  # every value checked before anything is written
     if case_dir is not None:
         config["data"]["case_dir"] = str(Path(case_dir).resolve())
-    if checkpoint is not None and network_spec(config) != checkpoint["network"]:
-        raise ConfigError(f"{run_dir}: the config describes network {network_spec(config)} but the "
-                          f"run was trained with {checkpoint['network']}; resume cannot change it")
-    if int(get(config, "train.epochs", 1)) < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {get(config, 'train.epochs')}")
-    selection = get(config, "train.selection", "best")
-    if selection not in SELECTIONS:
-        raise ConfigError(f"train.selection must be one of {SELECTIONS}, got {selection!r}")
-    seed = int(get(config, "train.seed", 0))
-    set_determinism(seed=seed)
+    cfg = config_view(config)
+    if checkpoint is not None:
+        check_resume(checkpoint.get("config") or {}, config, str(run_dir))
+        if network_spec(config) != checkpoint["network"]:
+            raise ConfigError(f"{run_dir}: the config describes network {network_spec(config)} but "
+                              f"the run was trained with {checkpoint['network']}; resume cannot change it")
+    postprocess_steps(config, cfg.data.num_classes)  # refuses bad post-processing before any write
+    set_determinism(seed=cfg.train.seed)
     check_output_location(run_dir, network_spec(config))  # before any case is read
 
     with distributed.main_first():  # rank 0 writes the phantom and the cache, the others read them
@@ -135,7 +129,7 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
             check_split(split, [c.name for c in cases])
         else:
             split = make_split([c.name for c in cases], config["split"])
-        if not split["val"] and selection == "best":
+        if not split["val"] and cfg.train.selection == "best":
             raise ConfigError("split: training needs at least one validation case (split.val_fraction > 0), "
                               "or train.selection=last (fixed length, no validation)")
         if distributed.is_main():
@@ -143,14 +137,14 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
             save_split(split, run_dir / "split.json")
 
         by_name = {c.name: c for c in cases}
-        cache_root = Path(get(config, "data.cache_dir") or default_cache_dir())
+        cache_root = Path(cfg.data.cache_dir or default_cache_dir())
         train_cases = cache_cases([by_name[n] for n in split["train"]], config, cache_root)
         val_cases = cache_cases([by_name[n] for n in split["val"]], config, cache_root)
     _check_labels(train_cases + val_cases, config)
     logger.info("%d training case(s) (%d slices), %d validation case(s), device %s",
                 len(train_cases), sum(c.shape[0] for c in train_cases), len(val_cases), dev)
 
-    trainer = _Trainer(config, dev, train_cases, val_cases, split, run_dir)
+    trainer = _Trainer(config, cfg, dev, train_cases, val_cases, split, run_dir)
     tracker = Tracker(config, run_dir, enabled=distributed.is_main())
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -176,7 +170,7 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
 def _load_cases(config: dict) -> list:
     from ctseg.data import discover_cases
 
-    case_dir = get(config, "data.case_dir")
+    case_dir = config_view(config).data.case_dir
     if case_dir is None:
         case_dir = ensure_phantom(config)
     cases = discover_cases(Path(case_dir))
@@ -190,16 +184,17 @@ def ensure_phantom(config: dict) -> Path:
     """The built-in phantom dataset, written once into `<cache>/phantom/<settings>` and reused."""
     from ctseg.data.phantom import write_phantom_dataset
 
-    p = {k: int(v) for k, v in (get(config, "phantom") or {}).items()}
-    root = Path(get(config, "data.cache_dir") or default_cache_dir()) / "phantom"
-    final = root / f"n{p['cases']}-s{p['seed']}-{p['rows']}x{p['cols']}x{p['slices']}"
+    cfg = config_view(config)
+    p = cfg.phantom
+    root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
+    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}"
     if (final / ".complete").is_file():
         return final
     logger.info("writing the phantom dataset to %s (once; reused by later runs)", final)
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    written = Path(write_phantom_dataset(tmp, n_cases=p["cases"], seed=p["seed"], rows=p["rows"],
-                                         cols=p["cols"], slices=p["slices"]))
+    written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
+                                         cols=p.cols, slices=p.slices))
     (written / ".complete").write_text("")
     shutil.rmtree(final, ignore_errors=True)
     written.rename(final)
@@ -220,17 +215,18 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class _Trainer:
-    def __init__(self, config: dict, device: torch.device, train_cases: list[CachedCase],
+    def __init__(self, config: dict, cfg: Config, device: torch.device, train_cases: list[CachedCase],
                  val_cases: list[CachedCase], split: dict, run_dir: Path) -> None:
-        self.config = config
+        self.config = config  # the resolved dict: saved in checkpoints, read by predict_volume
+        self.cfg = cfg
         self.device = device
         self.cuda = device.type == "cuda"
         self.val_cases = val_cases
         self.split = split
         self.run_dir = run_dir
-        self.seed = int(get(config, "train.seed", 0))
-        self.select_best = get(config, "train.selection", "best") == "best"
-        self.num_classes = num_classes(config)
+        self.seed = cfg.train.seed
+        self.select_best = cfg.train.selection == "best"
+        self.num_classes = cfg.data.num_classes
         self.binary = self.num_classes == 2
         self.dataset = SliceDataset(train_cases, context_slices(config), train_transforms(config))
         if len(self.dataset) == 0:
@@ -238,27 +234,24 @@ class _Trainer:
 
         self.spec = network_spec(config)
         self.model = build_model(self.spec)
-        if get(config, "train.sync_bn", False):
+        if cfg.train.sync_bn:
             self.model = distributed.sync_batchnorm(self.model, device)
         self.model = self.model.to(device)
-        if self.cuda and get(config, "train.channels_last", True):
+        if self.cuda and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp = self.cuda and bool(get(config, "train.amp", True))
+        self.amp = self.cuda and cfg.train.amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         # Targets are soft per-class channels (see ctseg.transforms.resize_transform): sigmoid
         # with one foreground channel for binary, softmax with one channel per class otherwise.
         self.loss_fn = DiceCELoss(
             sigmoid=self.binary, softmax=not self.binary,
-            include_background=bool(get(config, "loss.include_background", True)),
-            batch=bool(get(config, "loss.batch", True)),
-            lambda_dice=float(get(config, "loss.lambda_dice", 1.0)),
-            lambda_ce=float(get(config, "loss.lambda_ce", 1.0)),
+            include_background=cfg.loss.include_background, batch=cfg.loss.batch,
+            lambda_dice=float(cfg.loss.lambda_dice), lambda_ce=float(cfg.loss.lambda_ce),
         )
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=float(get(config, "optim.plateau_factor", 0.5)),
-            patience=int(get(config, "optim.plateau_patience", 5)),
-            min_lr=float(get(config, "optim.min_lr", 1e-6)))
+            self.optimizer, mode="max", factor=float(cfg.optim.plateau_factor),
+            patience=cfg.optim.plateau_patience, min_lr=float(cfg.optim.min_lr))
         self.postprocess = postprocess_steps(config, self.num_classes)
         self.state = RunState()
         # Training steps go through `net` (DDP when several processes); checkpoints, validation
@@ -267,15 +260,11 @@ class _Trainer:
         self.bad_batches = 0  # consecutive batches skipped for a non-finite loss or gradient
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        name = str(get(self.config, "optim.name", "adam")).lower()
-        lr = float(get(self.config, "optim.lr", 1e-3))
-        wd = float(get(self.config, "optim.weight_decay", 0.0))
-        if name == "adam":
-            return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=wd)
-        if name == "rmsprop":
-            return torch.optim.RMSprop(self.model.parameters(), lr=lr, weight_decay=wd,
-                                       momentum=float(get(self.config, "optim.momentum", 0.0)))
-        raise ConfigError(f"optim.name must be 'adam' or 'rmsprop', got {name!r}")
+        o = self.cfg.optim
+        if o.name == "rmsprop":
+            return torch.optim.RMSprop(self.model.parameters(), lr=float(o.lr),
+                                       weight_decay=float(o.weight_decay), momentum=float(o.momentum))
+        return torch.optim.Adam(self.model.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
 
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
@@ -314,18 +303,19 @@ class _Trainer:
     # --- the loop ----------------------------------------------------------------------------
     def _stop_reason(self) -> str | None:
         s = self.state
-        if s.epoch >= int(get(self.config, "train.epochs", 50)):
+        t = self.cfg.train
+        if s.epoch >= t.epochs:
             return "reached train.epochs"
-        patience = get(self.config, "train.early_stopping")
-        if self.select_best and patience is not None and s.epoch - s.best_epoch >= int(patience):
+        patience = t.early_stopping
+        if self.select_best and patience is not None and s.epoch - s.best_epoch >= patience:
             return f"early stopping: no better validation Dice for {patience} epochs"
-        limit = get(self.config, "train.time_limit_minutes")
+        limit = t.time_limit_minutes
         if limit is not None and s.elapsed_seconds >= float(limit) * 60:
             return f"time limit of {limit} min reached"
         return None
 
     def fit(self, tracker: Tracker) -> None:
-        total = int(get(self.config, "train.epochs", 50))
+        total = self.cfg.train.epochs
         while (reason := self._stop_reason()) is None:
             epoch = self.state.epoch + 1
             start = time.perf_counter()
@@ -364,16 +354,16 @@ class _Trainer:
         logger.info("stopped after epoch %d: %s", self.state.epoch, reason)
 
     def _train_epoch(self, epoch: int, total: int) -> tuple[float, int, float]:
-        n = get(self.config, "train.slices_per_epoch") or len(self.dataset)
+        n = self.cfg.train.slices_per_epoch or len(self.dataset)
         generator = _epoch_generator(self.seed, epoch)
         sampler = ForegroundRatioSampler(self.dataset.foreground, int(n),
-                                         get(self.config, "data.foreground_ratio"), generator)
+                                         self.cfg.data.foreground_ratio, generator)
         if distributed.world_size() > 1:  # this rank's share of the epoch's n slices
             sampler, generator = distributed.ShardSampler(sampler), distributed.rank_generator(generator)
-        loader = DataLoader(self.dataset, batch_size=int(get(self.config, "train.batch_size", 16)),
-                            sampler=sampler, num_workers=int(get(self.config, "train.num_workers", 0)),
+        loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size,
+                            sampler=sampler, num_workers=self.cfg.train.num_workers,
                             generator=generator, pin_memory=self.cuda)
-        clip = get(self.config, "train.clip_grad_norm")
+        clip = self.cfg.train.clip_grad_norm
         self.model.train()
         loss_sum, slices, seconds = 0.0, 0, 0.0
         for batch in tqdm(loader, desc=f"epoch {epoch}/{total}", unit="batch", leave=False,
@@ -381,7 +371,7 @@ class _Trainer:
             t0 = time.perf_counter()
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
-            if self.cuda and get(self.config, "train.channels_last", True):
+            if self.cuda and self.cfg.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
             # the forward pass updates normalisation statistics: kept to undo a skipped batch

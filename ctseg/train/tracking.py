@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from ctseg.config import flatten, get
+from ctseg.config import config_view, flatten
 from ctseg.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 
 
 def tracking_uri(config: dict, runs_root: Path) -> str:
-    return (os.environ.get("MLFLOW_TRACKING_URI") or get(config, "tracking.uri")
+    return (os.environ.get("MLFLOW_TRACKING_URI") or config_view(config).tracking.uri
             or f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}")
 
 
@@ -65,10 +65,11 @@ class Tracker:
     """One MLflow run; after the first failure it logs a warning once and does nothing more."""
 
     def __init__(self, config: dict, run_dir: Path, enabled: bool = True) -> None:
-        self.enabled = enabled and bool(get(config, "tracking.enabled", True))
+        tracking = config_view(config).tracking
+        self.enabled = enabled and tracking.enabled
         self.run_dir = Path(run_dir)
         self.uri = tracking_uri(config, self.run_dir.parent)
-        self.experiment = str(get(config, "tracking.experiment", "ctseg"))
+        self.experiment = tracking.experiment
         self.client = None
         self.run_id: str | None = None
 
