@@ -175,3 +175,20 @@ def test_models_rows_come_one_by_one(capsys) -> None:
     assert next(rows)["name"] == "unet"
     with pytest.raises(ConfigError, match="no_such_network"):
         next(rows)
+
+
+def test_long_cases_get_a_slice_bar_short_ones_do_not(capsys) -> None:
+    from ctseg.cli import _Progress
+
+    progress = _Progress(enabled=True)
+    progress.cases(2)
+    for done in range(8, 129, 8):  # 128 slices in batches of 8
+        progress.slices("long_case", done, 128)
+    progress.done()
+    for done in range(4, 17, 4):
+        progress.slices("short_case", done, 16)
+    progress.done()
+    progress.close()
+    err = capsys.readouterr().err
+    assert "long_case" in err and "/128" in err  # updates are throttled by tqdm; the bar was drawn
+    assert "short_case" not in err and "cases: 100%" in err and "2/2" in err

@@ -109,3 +109,17 @@ def test_rtstruct_is_refused_for_an_image_that_is_not_a_dicom_series(written, tm
     with pytest.raises(CTSegError, match="references a DICOM series"):
         save_rtstruct(np.zeros(nifti_volume.shape, np.uint8), nifti_volume, tmp_path / "x.dcm")
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_rtstruct_is_refused_when_the_series_has_no_uids_to_reference(phantom_dir, tmp_path) -> None:
+    """An anonymiser blanked the frame of reference: contours could not be placed, so no file."""
+    folder = tmp_path / "blank"
+    folder.mkdir()
+    for source in sorted((phantom_dir / "Images" / "Phantom_000").glob("*.dcm")):
+        ds = pydicom.dcmread(source)
+        ds.FrameOfReferenceUID = ""
+        ds.save_as(folder / source.name)
+    volume = load_series(folder)
+    with pytest.raises(CTSegError, match="no FrameOfReferenceUID"):
+        save_rtstruct(np.ones(volume.shape, np.uint8), volume, tmp_path / "x.rtstruct.dcm")
+    assert not (tmp_path / "x.rtstruct.dcm").exists()
