@@ -4,9 +4,9 @@ Radiotherapy planning systems read contours, not voxel masks: one closed planar 
 connected region and slice, in patient coordinates (LPS, mm). rt-utils, the usual library, last
 released in January 2023, pulls in OpenCV and predates pydicom 3, so this module builds the
 object with pydicom and traces contours with scikit-image (`find_contours` at the 0.5 level, the
-boundary half-way between inside and outside pixel centres, simplified by at most
-`TOLERANCE_PX`). A region's holes are contours of their own, as most planning systems read them
-(even-odd rule).
+boundary half-way between inside and outside pixel centres, with points on a straight run
+dropped: exact, and a fraction of the points). A region's holes are contours of their own, as
+most planning systems read them (even-odd rule).
 
 As the standard requires, the structure set carries the source's patient and study identifiers,
 so unlike ctseg's other outputs it contains them: it is written only when asked for
@@ -32,8 +32,6 @@ from ctseg.io.redact import show_path
 from ctseg.io.volume import CTVolume
 from ctseg.utils import atomic_path
 
-#: Largest distance (pixels) a simplified contour may deviate from the traced one.
-TOLERANCE_PX = 0.1
 _DICOM_ORDERS = ("ImagePositionPatient", "SliceLocation", "InstanceNumber")
 #: Patient and study attributes copied from the source (Type 2: present, possibly empty).
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
@@ -47,12 +45,21 @@ _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def slice_contours(mask_yx: np.ndarray) -> list[np.ndarray]:
     """Closed contours (N, 2) of (row, col) pixel coordinates around a 2D binary mask, last point
     not repeated. Padding closes regions that touch the border."""
-    padded = np.pad(np.asarray(mask_yx, dtype=np.uint8), 1)
+    mask = np.asarray(mask_yx, dtype=bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return []
+    # trace inside the region's box plus a one-pixel margin, which also closes border regions
+    top, left = rows[0] - 1, cols[0] - 1
+    padded = np.pad(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.uint8), 1)
     contours = []
     for contour in measure.find_contours(padded, 0.5):
-        contour = measure.approximate_polygon(contour, TOLERANCE_PX)[:-1] - 1.0
+        contour = contour[:-1]  # closed: the last point repeats the first
+        step_in, step_out = contour - np.roll(contour, 1, axis=0), np.roll(contour, -1, axis=0) - contour
+        turns = np.abs(step_in[:, 0] * step_out[:, 1] - step_in[:, 1] * step_out[:, 0]) > 1e-9
+        contour = contour[turns]
         if len(contour) >= 3:
-            contours.append(contour)
+            contours.append(contour + (top, left))
     return contours
 
 
