@@ -97,7 +97,7 @@ class Segmenter:
         hu = volume.array if isinstance(volume, CTVolume) else np.asarray(volume)
         if isinstance(volume, CTVolume):
             affine = volume.affine
-        labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices)
+        labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices)
         if not probabilities:
             del probs
             probs = None
