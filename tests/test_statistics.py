@@ -93,3 +93,20 @@ def test_statistics_list_absent_labels_as_empty() -> None:
     stats = label_statistics(labels, hu, (2.0, 1.0, 0.5), {1: "lung"})
     assert stats["labels"]["lung"] == {"label": 1, "voxels": 0, "volume_ml": 0.0, "mean_hu": None}
     assert stats["labels"]["label 3"] == {"label": 3, "voxels": 1, "volume_ml": 0.001, "mean_hu": -800.0}
+
+
+def test_split_lungs_is_refused_for_a_multi_class_model() -> None:
+    from pathlib import Path
+
+    from ctseg.config import resolve_config
+    from ctseg.errors import ConfigError
+    from ctseg.infer import Segmenter
+    from ctseg.infer.model_loader import LoadedModel
+    from ctseg.networks import build_network
+
+    config = resolve_config({"data": {"num_classes": 3}, "model": {"features": [4, 8]}})
+    loaded = LoadedModel(build_network("unet", 1, 3, features=(4, 8)).eval(), config, None,
+                         Path("three_classes.pt"), "checkpoint")
+    with pytest.raises(ConfigError, match="binary lung model"):
+        Segmenter(loaded, split_lungs=True)
+    assert Segmenter(loaded).label_names == {1: "label 1", 2: "label 2"}
