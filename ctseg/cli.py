@@ -52,12 +52,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_predictions(args.pred, args.truth, args.output, tolerance_mm=args.tolerance_mm,
                                    empty_threshold=args.empty_threshold, split=args.split,
-                                   num_classes=args.num_classes)
+                                   num_classes=args.num_classes, run=args.run)
     dice = summary["metrics"]["dice"]
     print(f"evaluated {summary['cases']} case(s): volume Dice mean {dice['mean']:.4f} "
           f"(min {dice['min']:.4f}), per-slice Dice mean {summary['slice_dice']['mean']:.4f}")
+    if summary["grouping"]["warning"]:
+        print(f"WARNING: {summary['grouping']['warning']}", file=sys.stderr)
+    for group, s in summary["groups"].items():
+        if len(summary["groups"]) > 1 or not summary["grouping"]["warning"]:
+            print(f"  {group} ({len(s['cases'])}): volume Dice mean {_four(s['metrics']['dice']['mean'])}; {s['role']}")
+    held = summary["held_out"]
+    if held is not None:
+        print(f"held-out volume Dice mean {_four(held['metrics']['dice']['mean'])} over {len(held['cases'])} case(s)")
     print(f"wrote {args.output / 'report.md'}")
     return 0
+
+
+def _four(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -273,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface tolerance of normalised surface Dice")
     p.add_argument("--empty-threshold", type=int, default=10,
                    help="pixels below which a prediction on a slice without truth counts as empty")
-    p.add_argument("--split", type=Path, default=None, help="a run's split.json: group cases (train vs test)")
+    p.add_argument("--split", type=Path, default=None,
+                   help="a run's split.json: group cases (train, val, test; unlisted cases are unseen)")
+    p.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                   help="the run that made the predictions: group cases by its split.json")
     p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: from the labels)")
     p.set_defaults(func=_cmd_evaluate)
 
