@@ -211,7 +211,8 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 def _cmd_export_bundle(args: argparse.Namespace) -> int:
     from ctseg.infer.export import export_bundle
 
-    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite)
+    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite,
+                        cv_dir=args.cv)
     print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
           "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
     return 0
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the exported model on these labelled cases for the model card")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files an export writes in an existing bundle (keeps eval/ and other files)")
+    p.add_argument("--cv", type=Path, default=None, metavar="CV_DIR",
+                   help="a `ctseg cv` output folder: its cross-validation figures go into the model card and metadata")
     p.set_defaults(func=_cmd_export_bundle)
 
     p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold "
