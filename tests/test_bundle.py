@@ -117,17 +117,17 @@ def test_bundle_follows_the_monai_layout(bundle, run_dir):
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
-def test_card_and_metadata_report_held_out_cases_only_and_the_cv_figures(run_dir, phantom_dir, predicted,
-                                                                          tmp_path, capsys):
+def test_card_and_metadata_report_held_out_cases_only_and_the_cv_figures(run_dir, tmp_path, capsys):
     """held_out_* average only the case the run never loaded; --cv copies `ctseg cv`'s summary.json."""
+    from conftest import PHANTOM_SHAPE
+
+    from ctseg.data.phantom import write_phantom_dataset
     from ctseg.evaluate.evaluate import evaluate_predictions
     from ctseg.study.cv import _write_outputs
 
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
-    # Phantom_002 is in no list: the run never loaded it
-    (run / "split.json").write_text(json.dumps({"train": ["Phantom_000"], "val": ["Phantom_001"], "test": [],
-                                                "method": "explicit", "seed": 0}))
+    # the run's three cases (deterministic per index) plus Phantom_003, which the run never loaded
+    slices, rows_, cols = PHANTOM_SHAPE
+    cases = write_phantom_dataset(tmp_path / "cases", n_cases=4, seed=0, rows=rows_, cols=cols, slices=slices)
     cv_dir = tmp_path / "cv"
     cv_dir.mkdir()
     rows = [{"fold": k, "case": case, "dice": dice, "iou": dice - 0.05, "hd95_mm": 2.0 + k, "assd_mm": 0.5,
@@ -135,18 +135,19 @@ def test_card_and_metadata_report_held_out_cases_only_and_the_cv_figures(run_dir
             for k, (case, dice) in enumerate(zip(CASES, (0.91, 0.85, 0.88)))]
     _write_outputs(cv_dir, {}, [{"fold": k, "test": [c]} for k, c in enumerate(CASES)], rows, [])
     bundle = tmp_path / "bundle"
-    assert main(["export-bundle", str(run), "--output", str(bundle), "--evaluate", str(phantom_dir),
+    assert main(["export-bundle", str(run_dir), "--output", str(bundle), "--evaluate", str(cases),
                  "--cv", str(cv_dir)]) == 0
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     verify_metadata(meta_file=str(bundle / "configs/metadata.json"), filepath=str(SCHEMA))
     figures, method = meta["eval_metrics"], meta["eval_metrics_method"]
 
-    # the same model's masks (ctseg predict), rescored by ctseg evaluate with the same split
-    scored = evaluate_predictions(predicted, phantom_dir, tmp_path / "eval", split=run / "split.json")
-    assert scored["held_out"]["cases"] == ["Phantom_002"]
+    # the same model's masks (ctseg predict), rescored by ctseg evaluate grouped by the run's split
+    assert main(["predict", "--model", str(run_dir), "--input", str(cases), "--output", str(tmp_path / "pred")]) == 0
+    scored = evaluate_predictions(tmp_path / "pred", cases, tmp_path / "eval", run=run_dir)
+    assert scored["held_out"]["cases"] == ["Phantom_003"]
     assert figures["held_out_cases"] == 1 and "mean_dice" not in figures
     assert figures["held_out_mean_dice"] == pytest.approx(scored["held_out"]["metrics"]["dice"]["mean"], abs=6e-5)
-    assert "Phantom_002" in method["held_out_mean_dice"] and "Phantom_000" not in method["held_out_mean_dice"]
+    assert "Phantom_003" in method["held_out_mean_dice"] and "Phantom_000" not in method["held_out_mean_dice"]
 
     cv = json.loads((cv_dir / "summary.json").read_text())["metrics"]["dice"]
     assert figures["cv_mean_dice"] == round(cv["mean"], 4) == round((0.91 + 0.85 + 0.88) / 3, 4)
@@ -156,14 +157,16 @@ def test_card_and_metadata_report_held_out_cases_only_and_the_cv_figures(run_dir
     card = (bundle / "docs/README.md").read_text()
     assert "### Cross-validation" in card and "(`Phantom_001`, fold 1)" in card
     assert f"mean {round(cv['mean'], 4):.4f}" in card
-    assert "| held-out mean (1) |" in card and "| Phantom_000 | trained on |" in card
-    assert "| Phantom_001 | validation (picked the checkpoint) |" in card
+    assert "| held-out mean (1) |" in card and "| Phantom_003 | held out (not in the split) |" in card
+    split = json.loads((run_dir / "split.json").read_text())
+    assert all(f"| {c} | trained on |" in card for c in split["train"])
+    assert all(f"| {c} | validation (picked the checkpoint) |" in card for c in split["val"])
 
     capsys.readouterr()
-    assert main(["export-bundle", str(run), "--output", str(tmp_path / "b2"), "--cv", str(run)]) == 2
+    assert main(["export-bundle", str(run_dir), "--output", str(tmp_path / "b2"), "--cv", str(cases)]) == 2
     assert "summary.json: missing or unreadable" in capsys.readouterr().err
-    (run / "summary.json").write_text(json.dumps({"cases": 3, "metrics": {"dice": {"mean": 0.9}}}))
-    assert main(["export-bundle", str(run), "--output", str(tmp_path / "b2"), "--cv", str(run)]) == 2
+    (cases / "summary.json").write_text(json.dumps({"cases": 3, "metrics": {"dice": {"mean": 0.9}}}))
+    assert main(["export-bundle", str(run_dir), "--output", str(tmp_path / "b2"), "--cv", str(cases)]) == 2
     assert "not a `ctseg cv` summary" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
 
