@@ -266,5 +266,7 @@ def test_report_training_curves(tiny_runs):
     assert main(["report", str(tiny_runs[0])]) == 0
     report = tiny_runs[0] / "report" / "report.md"
     assert "training_curves.png" in report.read_text()
+    val = json.loads((tiny_runs[0] / "split.json").read_text())["val"]
+    assert f"best_val_dice is selection-biased: the validation case(s) ({', '.join(val)})" in report.read_text()
     _assert_png(tiny_runs[0] / "report" / "training_curves.png")
     assert report.read_text().count("\n| ") >= 2 + 2  # header, separator, one row per epoch
