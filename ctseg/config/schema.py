@@ -249,6 +249,7 @@ class InferConfig:
     threshold: float = setting(0.5, number(0, 1))
     tta: tuple = setting([], items(integer(0, 1), 0, 2))        # flip axes averaged in
     amp: bool = setting(True, BOOLEAN)                          # float16 autocast, CUDA only
+    split_lungs: bool = setting(False, BOOLEAN)                 # labels 1 right, 2 left lung
     postprocess: PostprocessConfig = section(PostprocessConfig)
 
 
