@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,17 @@ def test_resume_continues_the_schedule_and_the_average(phantom_dir, tmp_path, ca
     for weights in ("model", "raw_model"):
         for key in a[weights]:
             assert torch.equal(a[weights][key], b[weights][key]), (weights, key)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.schedule=linear", "optim.schedule must be one of ['plateau', 'cosine']"),
+    ("optim.warmup_fraction=1.0", "optim.warmup_fraction must be"),
+    ("train.ema=1.0", "train.ema must be a number in (0, 1) or null"),
+    ("train.ema=0", "train.ema must be"),
+])
+def test_bad_schedule_or_ema_settings_are_refused(tmp_path, override, message):
+    from ctseg.config import resolve_config
+    from ctseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(_config(tmp_path, [override]))
