@@ -344,7 +344,8 @@ class _Trainer:
         if s.epoch >= t.epochs:
             return "reached train.epochs"
         patience = t.early_stopping
-        if self.select_best and not self.cosine and patience is not None and s.epoch - s.best_epoch >= patience:
+        early = self.select_best and not self.cosine  # the cosine schedule runs to its end
+        if early and patience is not None and s.epoch - s.best_epoch >= patience:
             return f"early stopping: no better validation Dice for {patience} epochs"
         limit = t.time_limit_minutes
         if limit is not None and s.elapsed_seconds >= float(limit) * 60:
@@ -404,8 +405,9 @@ class _Trainer:
         self.model.train()
         loss_sum, slices, seconds = 0.0, 0, 0.0
         steps = len(loader)
-        for step, batch in enumerate(tqdm(loader, desc=f"epoch {epoch}/{total}", unit="batch", leave=False,
-                          disable=None if distributed.is_main() else True), start=1):
+        batches = tqdm(loader, desc=f"epoch {epoch}/{total}", unit="batch", leave=False,
+                       disable=None if distributed.is_main() else True)
+        for step, batch in enumerate(batches, start=1):
             t0 = time.perf_counter()
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
