@@ -140,7 +140,8 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
         try:
             labels_path = output_path(output_dir, case.name)
             volume = load_volume(case.image, series)
-            labels, probs = predict_volume(loaded.model, volume.array, config, device)
+            labels, probs = predict_volume(loaded.model, volume.array, config, device,
+                                           probabilities=probabilities)
             if probabilities:
                 save_probabilities(probs, volume.affine, output_path(output_dir / "probabilities", case.name))
             del probs  # (classes, z, y, x) float32: the largest array of a case

@@ -56,11 +56,14 @@ def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.
 
 @torch.inference_mode()
 def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, config: dict,
-                   device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device | str | None = None, *,
+                   probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (z, y, x) HU volume slice by slice.
 
     Returns `labels` (z, y, x) uint8 and `probabilities` (num_classes, z, y, x) float32 (for a
-    binary model: background, foreground), both at the input's resolution.
+    binary model: background, foreground), both at the input's resolution. With
+    `probabilities=False` the second is None and never built: a binary model then resizes and
+    thresholds its one foreground channel only (the same labels, without a two-channel volume).
     """
     if device is None:
         device = next(model.parameters()).device
@@ -105,9 +108,13 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     if channels == 1:
         foreground = probs[0].clamp_(0.0, 1.0)
         labels = (foreground >= float(infer.threshold)).to(torch.uint8)
+        if not probabilities:
+            return labels.numpy(), None
         probs = torch.stack([1.0 - foreground, foreground])
     else:
         labels = probs.argmax(dim=0).to(torch.uint8)
+    if not probabilities:
+        return labels.numpy(), None
     return labels.numpy(), probs.numpy().astype(np.float32, copy=False)
 
 
