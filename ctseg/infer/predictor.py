@@ -31,6 +31,10 @@ __all__ = ["inference_batch_size", "num_classes", "output_channels", "predict_vo
 # activations in cache: the lung U-Net (8..64 features, 256x256) runs ~25 slices/s at 2-4 slices
 # per batch and ~13 slices/s at 32 on 2 cores. GPUs want large batches.
 AUTO_BATCH = {"cpu": 4, "cuda": 32}
+# Devices where slices enter the network channels-last (NHWC). On CPU too: the LCTSC model ran 63
+# against 36 slices/s NCHW at 4 per batch on an idle 2-core machine (issue 16), and faster at
+# every batch size in benchmarks/bench_infer_choices.py (docs/benchmarks.md), with identical masks.
+CHANNELS_LAST = ("cpu", "cuda")
 
 
 def inference_batch_size(config: dict, device: torch.device) -> int:
@@ -82,7 +86,7 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
                                    overlap=0.0, sw_device=device, device=torch.device("cpu"))
 
     def network(x: torch.Tensor) -> torch.Tensor:
-        if cuda:
+        if device.type in CHANNELS_LAST:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)
