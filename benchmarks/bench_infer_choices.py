@@ -14,6 +14,7 @@ import argparse
 import copy
 import gzip
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def main() -> None:
     mask_path = REPO.parent / "base/pred-main/Case_000.nii.gz"
     labels = (np.asarray(nib.load(mask_path).dataobj).transpose(2, 1, 0) if mask_path.exists()
               else (masks["nchw b4"][:, 0].numpy().astype(np.uint8)))
-    raw = save_nifti(labels, np.eye(4), Path("/tmp/_bench_mask.nii"), kind="label").read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = save_nifti(labels, np.eye(4), Path(tmp) / "mask.nii", kind="label").read_bytes()
     sizes, secs = {}, {level: [] for level in (1, 6, 9)}
     for _ in range(args.rounds):
         for level in secs:
