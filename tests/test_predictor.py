@@ -92,3 +92,22 @@ def test_auto_batch_size_depends_on_the_device_and_bad_values_are_refused():
     by_two = predict_volume(model, _volume(), {**CONFIG, "infer": {"batch_size": 2}}, "cpu")[0]
     auto = predict_volume(model, _volume(), {**CONFIG, "infer": {"batch_size": "auto"}}, "cpu")[0]
     np.testing.assert_array_equal(by_two, auto)
+
+
+class WindowClasses(nn.Module):
+    """Three classes by windowed intensity: logits 0, 40 * (x - 0.3), 80 * (x - 0.6)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 40 * (x - 0.3), 80 * (x - 0.6)], dim=1)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_labels_without_probabilities_are_the_same_labels(classes):
+    model = WindowThreshold() if classes == 2 else WindowClasses()
+    config = {**CONFIG, "data": {**CONFIG["data"], "num_classes": classes}}
+    hu = np.random.default_rng(classes).normal(-300, 400, (5, 45, 37)).astype(np.float32)
+    labels, probs = predict_volume(model, hu, config, "cpu")
+    lean, none = predict_volume(model, hu, config, "cpu", probabilities=False)
+    assert none is None and probs.shape == (classes, 5, 45, 37)
+    assert set(np.unique(labels)) == set(range(classes))  # a real mixture of labels to compare
+    np.testing.assert_array_equal(lean, labels)

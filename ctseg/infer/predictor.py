@@ -33,6 +33,10 @@ __all__ = ["inference_batch_size", "num_classes", "output_channels", "predict_vo
 # activations in cache: the lung U-Net (8..64 features, 256x256) runs ~25 slices/s at 2-4 slices
 # per batch and ~13 slices/s at 32 on 2 cores. GPUs want large batches.
 AUTO_BATCH = {"cpu": 4, "cuda": 32}
+# Devices where slices enter the network channels-last (NHWC). On CPU too: the LCTSC model ran 63
+# against 36 slices/s NCHW at 4 per batch on an idle 2-core machine (issue 16), and faster at
+# every batch size in benchmarks/bench_infer_choices.py (docs/benchmarks.md), with identical masks.
+CHANNELS_LAST = ("cpu", "cuda")
 
 
 def inference_batch_size(config: dict, device: torch.device) -> int:
@@ -59,12 +63,16 @@ def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.
 @torch.inference_mode()
 def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, config: dict,
                    device: torch.device | str | None = None,
-                   on_slices: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   on_slices: Callable[[int, int], None] | None = None, *,
+                   probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (z, y, x) HU volume slice by slice.
 
     Returns `labels` (z, y, x) uint8 and `probabilities` (num_classes, z, y, x) float32 (for a
-    binary model: background, foreground), both at the input's resolution. `on_slices(done,
-    total)` is called after each forward pass (total counts every TTA pass), for progress bars.
+    binary model: background, foreground), both at the input's resolution. With
+    `probabilities=False` the second is None and never built: a binary model then resizes and
+    thresholds its one foreground channel only (the same labels, without a two-channel volume).
+    `on_slices(done, total)` is called after each forward pass (total counts every TTA pass), for
+    progress bars.
     """
     if device is None:
         device = next(model.parameters()).device
@@ -87,7 +95,7 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
 
     def network(x: torch.Tensor) -> torch.Tensor:
         nonlocal done
-        if cuda:
+        if device.type in CHANNELS_LAST:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)
@@ -115,9 +123,13 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     if channels == 1:
         foreground = probs[0].clamp_(0.0, 1.0)
         labels = (foreground >= float(infer.threshold)).to(torch.uint8)
+        if not probabilities:
+            return labels.numpy(), None
         probs = torch.stack([1.0 - foreground, foreground])
     else:
         labels = probs.argmax(dim=0).to(torch.uint8)
+    if not probabilities:
+        return labels.numpy(), None
     return labels.numpy(), probs.numpy().astype(np.float32, copy=False)
 
 

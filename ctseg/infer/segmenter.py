@@ -97,10 +97,8 @@ class Segmenter:
         hu = volume.array if isinstance(volume, CTVolume) else np.asarray(volume)
         if isinstance(volume, CTVolume):
             affine = volume.affine
-        labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices)
-        if not probabilities:
-            del probs
-            probs = None
+        labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices,
+                                       probabilities=probabilities)
         labels = postprocess_labels(labels, self.steps)
         if self.split_lungs:
             if affine is None:
