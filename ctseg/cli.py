@@ -68,7 +68,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ctseg.evaluate.compare import compare_runs, to_markdown
+    from ctseg.study.compare import compare_runs, to_markdown
     from ctseg.utils import pick_device
 
     rows = compare_runs(args.run_dirs, args.output, case_dir=args.case_dir, device=args.device)
@@ -155,7 +155,7 @@ def _output_formats(text: str) -> tuple[str, ...]:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from ctseg.evaluate.experiments import run_experiment
+    from ctseg.study.experiments import run_experiment
 
     doc = run_experiment(args.name, size=args.size, runs_root=args.runs_root, output=args.output,
                          doc_dir=args.doc_dir, device=args.device)

@@ -261,7 +261,7 @@ def run_experiment(
     the report to `doc_dir` (default `docs/experiments/` of the repository; the run folder for the
     `smoke` size, so a smoke run never replaces measured results).
     """
-    from ctseg.evaluate.compare import (load_run, mean_metrics, measure_cases, run_case_dir, run_facts,
+    from ctseg.study.compare import (load_run, mean_metrics, measure_cases, run_case_dir, run_facts,
                                         validation_cases)
     from ctseg.evaluate.report import read_run
     from ctseg.train import train
