@@ -42,13 +42,14 @@ def _rss_mb() -> float:
 def _ctseg_model(model: str | None, config_path: Path):
     from ctseg.config import load_config
     from ctseg.infer.model_loader import LoadedModel, load_model
-    from ctseg.train.checkpoint import build_model_from_config, network_spec
     from ctseg.config import resolve_config
+    from ctseg.infer.model_loader import build_model, network_spec
 
     if model:
         return load_model(model, device="cpu")
     config = resolve_config(load_config(config_path))
-    return LoadedModel(build_model_from_config(config).eval(), config, network_spec(config), config_path,
+    spec = network_spec(config)
+    return LoadedModel(build_model(spec).eval(), config, spec, config_path,
                        "config")
 
 

@@ -39,17 +39,16 @@ from matplotlib.figure import Figure
 from ctseg.config import get, resolve_config, save_config
 from ctseg.data import discover_cases
 from ctseg.data.cases import Case
+from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import make_split
 from ctseg.errors import ConfigError, MaskError
 from ctseg.evaluate.evaluate import evaluate_case, summarize
-from ctseg.infer.model_loader import load_model
+from ctseg.infer.model_loader import LAST, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predict import load_volume, output_path
 from ctseg.infer.predictor import predict_volume
 from ctseg.io import save_nifti
 from ctseg.train import train
-from ctseg.train.checkpoint import LAST
-from ctseg.train.loop import ensure_phantom
 from ctseg.train.tracking import TRACKING_FILE, Tracker, tracking_uri
 from ctseg.transforms import num_classes
 from ctseg.utils import atomic_path, atomic_write_text, pick_device

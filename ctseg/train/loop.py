@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +42,14 @@ from ctseg import distributed
 from ctseg.config import Config, check_resume, config_view, resolve_config, save_config
 from ctseg.data.cache import CachedCase, cache_cases, default_cache_dir
 from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset, context_slices
+from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import check_split, make_split, save_split
 from ctseg.errors import ConfigError, CTSegError, MaskError
 from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.predictor import predict_volume
-from ctseg.train.checkpoint import (BEST, LAST, build_model, load_checkpoint, network_spec, rng_state,
-                                    save_checkpoint, set_rng_state)
+from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
 from ctseg.train.tracking import Tracker
@@ -178,28 +178,6 @@ def _load_cases(config: dict) -> list:
     if unlabeled:
         raise MaskError(f"{case_dir}: case(s) {unlabeled} have no mask; training needs one per case")
     return cases
-
-
-def ensure_phantom(config: dict) -> Path:
-    """The built-in phantom dataset, written once into `<cache>/phantom/<settings>` and reused."""
-    from ctseg.data.phantom import write_phantom_dataset
-
-    cfg = config_view(config)
-    p = cfg.phantom
-    root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
-    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}"
-    if (final / ".complete").is_file():
-        return final
-    logger.info("writing the phantom dataset to %s (once; reused by later runs)", final)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
-                                         cols=p.cols, slices=p.slices))
-    (written / ".complete").write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    written.rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _check_labels(cases: list[CachedCase], config: dict) -> None:
