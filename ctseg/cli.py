@@ -171,8 +171,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace, device, main: bool) -> int:
+    from ctseg.infer.cases import CSV_NAME, predict_cases
     from ctseg.infer.model_loader import load_model
-    from ctseg.infer.predict import CSV_NAME, predict_cases
 
     loaded = load_model(args.model, device=device, trust_bundle=args.trust_bundle)
     if main:

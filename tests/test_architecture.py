@@ -41,7 +41,7 @@ def module_name(path: Path) -> str:
 
 
 def top(module: str) -> str:
-    """`ctseg.infer.predict` -> "infer"; `ctseg` -> ""."""
+    """`ctseg.infer.cases` -> "infer"; `ctseg` -> ""."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -129,11 +129,11 @@ def test_imports_inside_functions_say_why() -> None:
 
 # --------------------------------------------------------------------------- the checker itself
 @pytest.mark.parametrize(("code", "importer", "expected_up"), [
-    ("from ctseg.train.loop import train", "ctseg.infer.predict", True),
+    ("from ctseg.train.loop import train", "ctseg.infer.cases", True),
     ("import ctseg.study.cv", "ctseg.evaluate.metrics", True),
     ("from ..train import checkpoint", "ctseg.infer.model_loader", True),
     ("from ctseg.networks import build_network", "ctseg.config.schema", True),  # siblings
-    ("from ctseg.infer.predictor import predict_volume", "ctseg.train.loop", False),
+    ("from ctseg.infer.volume import predict_volume", "ctseg.train.loop", False),
     ("from . import figures", "ctseg.evaluate.report", False),
     ("from ctseg import __version__", "ctseg.io.dicom_seg", False),
     ("from ctseg.study.cv import run_cv", "ctseg.cli", False),

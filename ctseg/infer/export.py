@@ -50,7 +50,7 @@ from ctseg.config import get
 from ctseg.errors import ConfigError, CTSegError, ModelError
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_settings, postprocess_steps
-from ctseg.infer.predictor import AUTO_BATCH, num_classes
+from ctseg.infer.volume import AUTO_BATCH, num_classes
 from ctseg.transforms import hu_window, training_size
 from ctseg.utils import atomic_write_text
 
@@ -442,7 +442,7 @@ def evaluate_model(loaded: LoadedModel, case_dir: Path, split: dict | None) -> l
     """Per-case metrics of the exported model on the labelled cases of `case_dir`."""
     from ctseg.data import discover_cases
     from ctseg.evaluate.evaluate import evaluate_case
-    from ctseg.infer.predict import predict_cases
+    from ctseg.infer.cases import predict_cases
 
     groups = {name: group for group in ("train", "val", "test") for name in (split or {}).get(group, [])}
     cases = {c.name: c for c in discover_cases(case_dir) if c.label is not None}

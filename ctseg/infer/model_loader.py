@@ -28,7 +28,7 @@ import torch
 from ctseg.config import read_yaml_file, resolve_config
 from ctseg.data.dataset import context_slices
 from ctseg.errors import ConfigError, ModelError
-from ctseg.infer.predictor import output_channels
+from ctseg.infer.volume import output_channels
 from ctseg.networks import build_network
 from ctseg.utils import pick_device
 

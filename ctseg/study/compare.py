@@ -78,7 +78,7 @@ def measure_cases(
     """
     from ctseg.data.cache import cache_case
     from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-    from ctseg.infer.predictor import num_classes, predict_volume
+    from ctseg.infer.volume import num_classes, predict_volume
 
     rng = np.random.default_rng(seed)
     n_classes = num_classes(run.config)
@@ -107,7 +107,7 @@ def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> flo
     a whole batch per timing also keeps a scheduler stall on a shared CPU from dominating. On
     CUDA with the settings inference uses there (channels_last, fp16 autocast with infer.amp).
     """
-    from ctseg.infer.predictor import inference_batch_size
+    from ctseg.infer.volume import inference_batch_size
     from ctseg.transforms import training_size
 
     cuda = device.type == "cuda"

@@ -43,10 +43,10 @@ from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import make_split
 from ctseg.errors import ConfigError, MaskError
 from ctseg.evaluate.evaluate import evaluate_case, summarize
+from ctseg.infer.cases import load_volume, output_path
 from ctseg.infer.model_loader import LAST, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predict import load_volume, output_path
-from ctseg.infer.predictor import predict_volume
+from ctseg.infer.volume import predict_volume
 from ctseg.io import save_nifti
 from ctseg.train import train
 from ctseg.train.tracking import TRACKING_FILE, Tracker, tracking_uri

@@ -48,7 +48,7 @@ from ctseg.errors import ConfigError, CTSegError, MaskError
 from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
 from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predictor import predict_volume
+from ctseg.infer.volume import predict_volume
 from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images

@@ -2,7 +2,7 @@
 
 INPUT is a DICOM series folder, a case folder in any layout `ctseg.data.discover_cases` knows,
 or a NIfTI file. Each case is read through `ctseg.io` (so its geometry is exactly what
-`ctseg convert` writes), segmented by `ctseg.infer.predictor.predict_volume` (the inference path
+`ctseg convert` writes), segmented by `ctseg.infer.volume.predict_volume` (the inference path
 training validated with), post-processed (`ctseg.infer.postprocess`) and written as
 `OUT_DIR/<case>.nii.gz` (uint8 labels, the CT's affine, original resolution). With
 probabilities on, `OUT_DIR/probabilities/<case>.nii.gz` holds the float32 foreground probability
@@ -33,7 +33,7 @@ from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predictor import num_classes, predict_volume
+from ctseg.infer.volume import num_classes, predict_volume
 from ctseg.io import CTVolume, load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.formats import image_stem, is_image_file
