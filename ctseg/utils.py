@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ctseg.errors import ConfigError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -56,8 +58,6 @@ def pick_device(requested: str | None = None):
 def _checked_device(requested: str):
     """`requested` as a torch device, refused (ConfigError) when this machine does not have it."""
     import torch
-
-    from ctseg.errors import ConfigError
 
     try:
         device = torch.device(requested)

@@ -18,10 +18,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from ctseg.data import discover_cases
+from ctseg.data.cache import load_case_volume
 from ctseg.errors import CTSegError, MaskError
 from ctseg.evaluate import figures
-from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS, segmentation_metrics,
-                                   slice_dice)
+from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS,
+                                    segmentation_metrics, slice_dice)
+from ctseg.io import load_mask, load_nifti
 from ctseg.io.masks import AFFINE_TOLERANCE
 from ctseg.io.volume import CTVolume
 from ctseg.utils import atomic_write_text
@@ -50,8 +53,6 @@ class CaseResult:
 
 def load_prediction(path: Path, reference: CTVolume, tolerance: float = AFFINE_TOLERANCE) -> np.ndarray:
     """Predicted labels (z, y, x) uint8, refused unless on exactly `reference`'s voxel grid."""
-    from ctseg.io import load_nifti
-
     pred = load_nifti(path)
     if pred.shape != reference.shape:
         raise MaskError(f"{path}: prediction shape {pred.shape} (z, y, x) differs from the CT "
@@ -102,9 +103,6 @@ def evaluate_case(
     empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, num_classes: int | None = None,
 ) -> CaseResult:
     """Metrics, per-slice Dice and the best/median/worst gallery for one labelled `ctseg.data.Case`."""
-    from ctseg.data.cache import load_case_volume
-    from ctseg.io import load_mask
-
     volume = load_case_volume(case)
     truth = load_mask(case.label, volume)
     pred = load_prediction(pred_path, volume)
@@ -162,8 +160,6 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], lis
     Also returns predictions without a labelled case and labelled cases without a prediction,
     which the report lists rather than silently dropping.
     """
-    from ctseg.data import discover_cases
-
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     if not pred_dir.is_dir():
         raise CTSegError(f"{pred_dir}: prediction folder not found")

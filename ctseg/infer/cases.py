@@ -29,6 +29,7 @@ import numpy as np
 
 from ctseg import distributed
 from ctseg.config import get
+from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
@@ -67,8 +68,6 @@ class CaseResult:
 
 def find_inputs(path: str | Path) -> list[Case]:
     """The cases of INPUT: an image file is one case named after the file, a folder is searched."""
-    from ctseg.data import discover_cases
-
     path = Path(path).resolve()
     if path.is_file():  # NIfTI, NRRD, MHA/MHD, or a DICOM file (multi-frame or one slice)
         if not is_image_file(path):

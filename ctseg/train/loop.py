@@ -40,11 +40,12 @@ from tqdm import tqdm
 
 from ctseg import distributed
 from ctseg.config import Config, check_resume, config_view, resolve_config, save_config
+from ctseg.data import discover_cases
 from ctseg.data.cache import CachedCase, cache_cases, default_cache_dir
 from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset, context_slices
 from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import check_split, make_split, save_split
-from ctseg.errors import ConfigError, CTSegError, MaskError
+from ctseg.errors import CTSegError, ConfigError, MaskError
 from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
 from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
@@ -168,8 +169,6 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
 
 
 def _load_cases(config: dict) -> list:
-    from ctseg.data import discover_cases
-
     case_dir = config_view(config).data.case_dir
     if case_dir is None:
         case_dir = ensure_phantom(config)
