@@ -26,6 +26,7 @@ from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, O
                                     segmentation_metrics, slice_dice)
 from ctseg.io import load_mask, load_nifti
 from ctseg.io.masks import AFFINE_TOLERANCE
+from ctseg.io.nifti import nifti_stem
 from ctseg.io.volume import CTVolume
 from ctseg.utils import atomic_write_text
 
@@ -37,7 +38,7 @@ SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels"
 
 
 @dataclass
-class CaseResult:
+class CaseEvaluation:
     """Everything the report needs about one case; CT kept only for the three gallery slices."""
 
     name: str
@@ -101,7 +102,7 @@ def load_split_groups(path: Path) -> dict[str, str]:
 def evaluate_case(
     case, pred_path: Path, *, group: str = "all", tolerance_mm: float = 2.0,
     empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, num_classes: int | None = None,
-) -> CaseResult:
+) -> CaseEvaluation:
     """Metrics, per-slice Dice and the best/median/worst gallery for one labelled `ctseg.data.Case`."""
     volume = load_case_volume(case)
     truth = load_mask(case.label, volume)
@@ -110,7 +111,7 @@ def evaluate_case(
     metrics = segmentation_metrics(pred, truth, volume.spacing, num_classes=n_classes,
                                    tolerance_mm=tolerance_mm)
     dice = slice_dice(pred, truth, empty_threshold=empty_threshold, num_classes=n_classes)
-    result = CaseResult(
+    result = CaseEvaluation(
         name=case.name, group=group, spacing=tuple(float(s) for s in volume.spacing), metrics=metrics,
         positions_mm=slice_positions(volume), dice=dice,
         truth_pixels=(truth > 0).sum(axis=(1, 2)), pred_pixels=(pred > 0).sum(axis=(1, 2)),
@@ -130,10 +131,7 @@ def gallery_slices(dice: np.ndarray, truth_pixels: np.ndarray, pred_pixels: np.n
     candidates = np.flatnonzero(truth_pixels > 0)
     if candidates.size == 0:
         candidates = np.flatnonzero(pred_pixels > 0)
-    if candidates.size == 0:
-        return []
-    order = candidates[np.argsort(dice[candidates], kind="stable")]
-    return [("best", int(order[-1])), ("median", int(order[len(order) // 2])), ("worst", int(order[0]))]
+    return figures.best_median_worst(dice, candidates)
 
 
 def summarize(rows: Iterable[Mapping[str, float]], keys: Iterable[str]) -> dict[str, dict]:
@@ -163,8 +161,7 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], lis
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     if not pred_dir.is_dir():
         raise CTSegError(f"{pred_dir}: prediction folder not found")
-    preds = {p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem: p
-             for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith((".nii", ".nii.gz"))}
+    preds = {nifti_stem(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and nifti_stem(p)}
     cases = {case.name: case for case in discover_cases(truth_dir) if case.label is not None}
     matched = [(case, preds[name]) for name, case in cases.items() if name in preds]
     unmatched_preds = sorted(set(preds) - set(cases))
@@ -195,7 +192,7 @@ def evaluate_predictions(
         log.warning("labelled case %s has no prediction in %s: not scored", name, pred_dir)
 
     fig_dir = output / "figures"
-    results: list[CaseResult] = []
+    results: list[CaseEvaluation] = []
     figure_paths: dict[str, list[Path]] = {"slice_dice": [], "gallery": []}
     for case, pred_path in matched:
         name = case.name
@@ -286,7 +283,7 @@ def _json_safe(value):
     return value
 
 
-def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
+def _report(summary: dict, results: list[CaseEvaluation], metric_keys: list[str],
             figure_paths: dict[str, list[Path]], histogram: Path, output: Path,
             pred_dir: Path, truth_dir: Path) -> str:
     rel = lambda p: Path(p).relative_to(output).as_posix()  # noqa: E731

@@ -1,0 +1,3 @@
+"""Inference: the one model loader (`model_loader`), one volume's slice-wise inference (`volume`),
+post-processing (`postprocess`), the per-case `ctseg predict` driver (`cases`) and the MONAI
+bundle export (`export`, `bundle_transforms`)."""

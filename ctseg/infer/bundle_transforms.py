@@ -33,10 +33,9 @@ from monai.data import MetaTensor
 from ctseg.data.cases import Case, discover_cases
 from ctseg.errors import CTSegError, DicomError
 from ctseg.io import CTVolume, load_mask, load_nifti, load_series, save_nifti
+from ctseg.io.nifti import nifti_stem
 
 log = logging.getLogger(__name__)
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[str, str]]:
@@ -46,7 +45,7 @@ def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[
     """
     path = Path(dataset_dir).resolve()
     if path.is_file():
-        stem = _nifti_stem(path)
+        stem = nifti_stem(path)
         if stem is None:
             raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
                              "series as its folder")
@@ -64,16 +63,9 @@ def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[
     return data
 
 
-def _nifti_stem(path: Path) -> str | None:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
 def load_volume(image: str | Path) -> CTVolume:
     """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
-    return load_nifti(image) if _nifti_stem(Path(image)) is not None else load_series(image)
+    return load_nifti(image) if nifti_stem(Path(image)) is not None else load_series(image)
 
 
 def _channel_first(array_zyx: np.ndarray, affine: np.ndarray, source: Path) -> MetaTensor:

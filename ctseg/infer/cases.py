@@ -35,7 +35,7 @@ from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.volume import num_classes, predict_volume
-from ctseg.io import CTVolume, load_image, save_nifti
+from ctseg.io import load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.formats import image_stem, is_image_file
 from ctseg.utils import atomic_path, atomic_write_text
@@ -48,7 +48,10 @@ CSV_COLUMNS = ("case", "status", "slices", "seconds", "slices_per_second", "fore
 
 
 @dataclass
-class CaseResult:
+class CasePrediction:
+    """How predicting one case went: its status, timing, foreground volume and output file (a row of
+    predictions.csv)."""
+
     case: str
     status: str  # "ok" or "failed"
     slices: int = 0
@@ -77,12 +80,6 @@ def find_inputs(path: str | Path) -> list[Case]:
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder")
     return discover_cases(path)
-
-
-def load_volume(image: Path, series: str | None = None) -> CTVolume:
-    """A case image as a CT volume in any input format (`series` chooses among several DICOM
-    series, as `ctseg series` lists them)."""
-    return load_image(image, series)
 
 
 def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
@@ -116,9 +113,9 @@ def inference_config(config: dict, tta: bool | None = None) -> dict:
 
 def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
-                  on_result: Callable[[CaseResult], None] | None = None,
+                  on_result: Callable[[CasePrediction], None] | None = None,
                   series: str | None = None,
-                  formats: tuple[str, ...] = ("nifti",)) -> list[CaseResult]:
+                  formats: tuple[str, ...] = ("nifti",)) -> list[CasePrediction]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
     Under torchrun each rank segments its share of the cases (every case exactly once); the
@@ -133,12 +130,12 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     device = next(loaded.model.parameters()).device
     log.info("predicting %d case(s) on %s (tta axes %s, post-processing %s)", len(cases), device,
              get(config, "infer.tta", []) or "off", [name for name, _ in steps] or "off")
-    results: list[CaseResult] = []
+    results: list[CasePrediction] = []
     for case in distributed.shard(cases):
         start = time.perf_counter()
         try:
             labels_path = output_path(output_dir, case.name)
-            volume = load_volume(case.image, series)
+            volume = load_image(case.image, series)  # `series` as `ctseg series` lists them
             labels, probs = predict_volume(loaded.model, volume.array, config, device)
             if probabilities:
                 save_probabilities(probs, volume.affine, output_path(output_dir / "probabilities", case.name))
@@ -148,14 +145,14 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
             if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
                 save_dicom_seg(labels, volume, output_path(output_dir, case.name, ".seg.dcm"))
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-            result = CaseResult(case.name, "ok", slices=int(labels.shape[0]),
+            result = CasePrediction(case.name, "ok", slices=int(labels.shape[0]),
                                 seconds=time.perf_counter() - start,
                                 foreground_ml=float(np.count_nonzero(labels)) * voxel_ml,
                                 output=labels_path)
         except Exception as exc:  # one bad case must not stop the others; the CSV records why
             if not isinstance(exc, CTSegError):
                 log.exception("case %s failed unexpectedly", case.name)
-            result = CaseResult(case.name, "failed", seconds=time.perf_counter() - start,
+            result = CasePrediction(case.name, "failed", seconds=time.perf_counter() - start,
                                 error=f"{type(exc).__name__}: {exc}")
         results.append(result)
         if distributed.world_size() == 1:
@@ -183,7 +180,7 @@ def save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path) -> Pat
     return path
 
 
-def write_csv(results: list[CaseResult], path: Path) -> None:
+def write_csv(results: list[CasePrediction], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

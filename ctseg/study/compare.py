@@ -28,7 +28,7 @@ from ctseg.data.cache import cache_case
 from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import load_split
 from ctseg.errors import CTSegError
-from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.evaluate.metrics import prediction_scores
 from ctseg.evaluate.report import read_run
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
@@ -75,10 +75,7 @@ def measure_cases(
         raw, _ = predict_volume(run.model, hu, run.config, device)
         labels = postprocess_labels(raw, steps)
         truth = np.asarray(cached.label)
-        metrics = segmentation_metrics(labels, truth, cached.spacing, num_classes=n_classes, distances=False)
-        metrics["slice_dice"] = float(np.mean(slice_dice(labels, truth, num_classes=n_classes)))
-        metrics["raw_dice"] = metrics["dice"] if labels is raw else segmentation_metrics(
-            raw, truth, cached.spacing, num_classes=n_classes, distances=False)["dice"]
+        metrics = prediction_scores(labels, raw, truth, cached.spacing, n_classes)
         rows.append({"case": case.name, "noise_hu": noise_hu, **metrics})
     return rows
 

@@ -38,12 +38,13 @@ from matplotlib.figure import Figure
 
 from ctseg.config import get, resolve_config, save_config
 from ctseg.data import discover_cases
+from ctseg.data.cache import load_case_volume
 from ctseg.data.cases import Case
 from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import make_split
 from ctseg.errors import ConfigError, MaskError
 from ctseg.evaluate.evaluate import evaluate_case, summarize
-from ctseg.infer.cases import load_volume, output_path
+from ctseg.infer.cases import output_path
 from ctseg.infer.model_loader import LAST, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.volume import predict_volume
@@ -225,7 +226,7 @@ def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Pa
     dev = next(loaded.model.parameters()).device
     rows = []
     for case in cases:
-        volume = load_volume(case.image)
+        volume = load_case_volume(case)
         labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev)
         path = output_path(pred_dir, case.name)
         save_nifti(postprocess_labels(labels, steps), volume.affine, path, kind="label")

@@ -46,7 +46,7 @@ from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset, context_sli
 from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import check_split, make_split, save_split
 from ctseg.errors import CTSegError, ConfigError, MaskError
-from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.evaluate.metrics import prediction_scores
 from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.volume import predict_volume
@@ -54,7 +54,7 @@ from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
 from ctseg.train.tracking import Tracker
-from ctseg.transforms import hu_window, num_classes, train_transforms
+from ctseg.transforms import num_classes, train_transforms
 from ctseg.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -409,14 +409,10 @@ class _Trainer:
             raw, _ = predict_volume(self.model, case.hu, self.config, self.device)
             pred = postprocess_labels(raw, self.postprocess)
             truth = np.asarray(case.label)
-            m = segmentation_metrics(pred, truth, case.spacing, num_classes=self.num_classes,
-                                     distances=distances)
-            m["slice_dice"] = float(np.mean(slice_dice(pred, truth, num_classes=self.num_classes)))
-            m["raw_dice"] = m["dice"] if pred is raw else segmentation_metrics(
-                raw, truth, case.spacing, num_classes=self.num_classes, distances=False)["dice"]
-            per_case[case.name] = m
+            per_case[case.name] = prediction_scores(pred, raw, truth, case.spacing, self.num_classes,
+                                                    distances)
             if keep:
-                kept.append(QCCase(case.name, np.asarray(case.hu), truth, pred))
+                kept.append(QCCase(case.name, np.asarray(case.hu), truth, pred, tuple(case.spacing[1:])))
         if sharded:
             per_case = distributed.gather_dict(per_case)
         per_case = {c.name: per_case[c.name] for c in self.val_cases}  # one order on every rank
@@ -467,7 +463,7 @@ class _Trainer:
         if best_path.is_file():
             self.model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
         val = self._validate(distances=True, keep=True, sharded=False)  # rank 0 only
-        qc_paths = write_qc_images(val["qc"], hu_window(self.config), self.run_dir / "qc", self.num_classes)
+        qc_paths = write_qc_images(val["qc"], self.run_dir / "qc", self.num_classes)
         summary = {f"best_val_{k}": v for k, v in val.items()
                    if k in ("iou", "precision", "recall", "slice_dice", "hd95_mm", "assd_mm", "nsd", "raw_dice")}
         metrics = self._write_metrics({**summary, "val_per_case": val["cases"]})
