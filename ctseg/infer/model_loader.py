@@ -40,6 +40,7 @@ BUNDLE_REGISTRY_TARGET = "scripts.networks.build_network"
 BUNDLE_CONFIG = Path("configs") / "inference.yaml"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
 _SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs", "variant")
+#: A run's `checkpoints/` files: training writes them, `load_model` reads BEST.
 BEST = "best.pt"
 LAST = "last.pt"
 
