@@ -316,7 +316,7 @@ def test_bundle_scripts_refuse_code_needing_more_than_the_bundle_requires(monkey
     from ctseg.infer import export
 
     monkeypatch.setattr(export, "SCRIPT_ROOTS", (*export.SCRIPT_ROOTS, "ctseg.config"))  # imports yaml
-    with pytest.raises(ModelError, match="ctseg.config imports yaml"):
+    with pytest.raises(ModelError, match=r"ctseg\.config(\.\w+)? imports yaml"):
         export.bundle_scripts()
 
 
