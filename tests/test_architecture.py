@@ -1,7 +1,7 @@
 """The package order (docs: DESIGN.md): imports inside ctseg/ go down this list, never up.
 
     cli -> study -> train -> infer -> evaluate -> data -> transforms -> io / networks / config /
-    distributed -> utils -> errors / the package root
+    distributed -> outputs -> utils -> errors / the package root
 
 Every import is read with `ast`, at module level and inside functions, so an upward edge cannot
 hide in a function body. Packages in the same layer (io, networks, config, distributed) do not
@@ -28,8 +28,9 @@ LAYERS = {
     "data": 5,
     "transforms": 6,
     "io": 7, "networks": 7, "config": 7, "distributed": 7,
-    "utils": 8,
-    "errors": 9, "": 9,  # "": the package root (`ctseg.__version__`)
+    "outputs": 8,  # which files a command may replace (io and the stages above write through it)
+    "utils": 9,
+    "errors": 10, "": 10,  # "": the package root (`ctseg.__version__`)
 }
 
 
