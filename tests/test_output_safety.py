@@ -168,6 +168,7 @@ def _refused_output(argv: list[str], capsys, message: str) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("ctseg.infer.model_loader.load_model", _no_work)
         mp.setattr("ctseg.data.cache.load_case_volume", _no_work)
+        mp.setattr("ctseg.evaluate.evaluate.load_case_volume", _no_work)  # bound at import there
         assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err, captured.err
