@@ -93,8 +93,13 @@ experiment: $(STAMP)
 cv: $(STAMP)
 	$(BIN)/ctseg cv --config $(CONFIG) $(if $(CASE_DIR),--case-dir $(CASE_DIR)) --output $(or $(OUTPUT),runs/cv-$(notdir $(basename $(CONFIG)))) $(if $(FOLDS),--folds $(FOLDS)) $(ARGS)
 
+# One server process, no MLflow job runner (ctseg runs no MLflow jobs). `exec` makes the mlflow
+# command make's own child: make passes SIGTERM on to it, and mlflow forwards SIGTERM/Ctrl-C to
+# its server and waits for it, so nothing is left running.
+MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false exec $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --artifacts-destination $(CURDIR)/runs/mlartifacts
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -129,26 +129,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `ctseg models` measures the shipped lung model's shape (pipelines/lctsc.yaml) unless told otherwise.
+MODELS_DEFAULTS = {"in_channels": 1, "features": [8, 16, 32, 64], "size": 256, "variant": "default"}
+
+
+def _models_settings(args: argparse.Namespace) -> dict:
+    """Explicit options over the --config's model (widths, slice size, 2.5D channels, variant)
+    over the shipped lung model's."""
+    settings = dict(MODELS_DEFAULTS)
+    if args.config is not None:
+        from ctseg.config import config_view, load_config
+
+        view = config_view(load_config(args.config), str(args.config))
+        settings.update(in_channels=view.data.context, size=max(view.size), variant=view.model.variant)
+        if view.model.features:
+            settings["features"] = list(view.model.features)
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return settings
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     import json
 
-    from ctseg.networks.report import network_report
+    import torch
 
-    rows = network_report(in_channels=args.in_channels, features=args.features, size=args.size,
-                          repeats=args.repeats, variant=args.variant)
+    from ctseg.networks.report import iter_network_report
+
+    s = _models_settings(args)
+    rows = iter_network_report(in_channels=s["in_channels"], features=s["features"], size=s["size"],
+                               repeats=args.repeats, variant=s["variant"])
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(list(rows), indent=2))
         return 0
-    print(f"variant {args.variant}, input 1x{args.in_channels}x{args.size}x{args.size}, "
-          f"features {','.join(map(str, args.features))}, "
-          f"CPU {rows[0]['threads'] if rows else '?'} threads; activation = est. forward+backward, batch 1")
+    print(f"variant {s['variant']}, input 1x{s['in_channels']}x{s['size']}x{s['size']}, "
+          f"features {','.join(map(str, s['features']))}, CPU {torch.get_num_threads()} threads; "
+          "activation = est. forward+backward, batch 1", flush=True)
     header = (f"{'name':<12} {'layers':>6} {'params':>12} {'trainable':>12} {'param MB':>9} "
               f"{'activ. MB':>10} {'CPU ms/slice':>13}")
     print(header)
-    print("-" * len(header))
-    for r in rows:
+    print("-" * len(header), flush=True)
+    for r in rows:  # each row as soon as it is measured
         print(f"{r['name']:<12} {r['layers']:>6} {r['params']:>12,} {r['trainable_params']:>12,} {r['param_mb']:>9.2f} "
-              f"{r['activation_mb']:>10.1f} {r['cpu_ms_per_slice']:>13.1f}")
+              f"{r['activation_mb']:>10.1f} {r['cpu_ms_per_slice']:>13.1f}", flush=True)
     return 0
 
 
@@ -159,12 +183,15 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")  # ctseg.infer.cases.FORMATS, without importing torch
+
+
 def _output_formats(text: str) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
-    unknown = [f for f in formats if f not in ("nifti", "dicom-seg")]
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
     if unknown or not formats:
         raise argparse.ArgumentTypeError(f"unknown output format {', '.join(unknown) or text!r}; "
-                                         "choose from nifti, dicom-seg")
+                                         f"choose from {', '.join(OUTPUT_FORMATS)}")
     return formats
 
 
@@ -184,30 +211,97 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return _predict(args, device, distributed.is_main())
 
 
+class _Progress:
+    """tqdm bars for `ctseg predict` on stderr: one over cases, one over the slices of a long case.
+
+    Off with --quiet, on ranks other than 0, and when stderr is not a terminal (logs, CI), where
+    the per-case lines say enough. Lines printed meanwhile go through `tqdm.write`, so bars and
+    lines do not garble each other.
+    """
+
+    #: Forward-passed slices (TTA passes included) from which a case gets its own bar.
+    LONG_CASE = 64
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.case_bar = None
+        self.slice_bar = None
+
+    def cases(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.case_bar = tqdm(total=total, unit="case", desc="cases", file=sys.stderr,
+                             disable=not self.enabled, dynamic_ncols=True)
+
+    def slices(self, case: str, done: int, total: int) -> None:
+        if not self.enabled or total < self.LONG_CASE:
+            return
+        if self.slice_bar is None:
+            from tqdm import tqdm
+
+            self.slice_bar = tqdm(total=total, unit="slice", desc=case, file=sys.stderr, leave=False,
+                                  dynamic_ncols=True)
+        self.slice_bar.update(done - self.slice_bar.n)
+
+    def line(self, text: str, err: bool = False) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr if err else sys.stdout)
+
+    def done(self) -> None:
+        """After each case: close its slice bar, advance the case bar."""
+        if self.slice_bar is not None:
+            self.slice_bar.close()
+            self.slice_bar = None
+        if self.case_bar is not None:
+            self.case_bar.update(1)
+
+    def close(self) -> None:
+        for bar in (self.slice_bar, self.case_bar):
+            if bar is not None:
+                bar.close()
+
+
 def _predict(args: argparse.Namespace, device, main: bool) -> int:
-    from ctseg.infer.cases import CSV_NAME, predict_cases
-    from ctseg.infer.model_loader import load_model
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ctseg.infer.cases import CSV_NAME, STATISTICS_NAME, predict_cases
+    from ctseg.infer.segmenter import Segmenter
     from ctseg.outputs import check_writable_dir
     from ctseg.utils import log_text
 
     check_writable_dir(args.output)  # before loading the model, not after the cases
-    loaded = load_model(args.model, device=device, trust_bundle=args.trust_bundle)
+    segmenter = Segmenter.load(args.model, device=device, trust_bundle=args.trust_bundle, tta=args.tta,
+                               postprocess=args.postprocess, split_lungs=args.split_lungs)
+    loaded = segmenter.loaded
     if main:
-        print(f"model: {loaded.kind} {loaded.source} on {next(loaded.model.parameters()).device}")
+        print(f"model: {loaded.kind} {loaded.source} on {segmenter.device}")
+    progress = _Progress(main and not args.quiet and sys.stderr.isatty())
 
     def report(r) -> None:
-        if r.ok:
-            print(f"{log_text(r.case)}: {r.slices} slices in {r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s), "
-                  f"foreground {r.foreground_ml:.1f} mL -> {log_text(r.output)}")
-        else:
-            print(f"{log_text(r.case)}: FAILED: {log_text(r.error)}", file=sys.stderr)
+        progress.done()
+        if r.ok and not args.quiet:
+            lungs = ""
+            if r.statistics and "right lung" in r.statistics["labels"]:
+                right, left = (r.statistics["labels"][f"{side} lung"]["volume_ml"] for side in ("right", "left"))
+                lungs = f" (right {right:.1f}, left {left:.1f})"
+            progress.line(f"{log_text(r.case)}: {r.slices} slices in {r.seconds:.1f} s "
+                          f"({r.slices_per_second:.1f} slices/s), foreground {r.foreground_ml:.1f} mL"
+                          f"{lungs} -> {log_text(r.output)}")
+        elif not r.ok:
+            progress.line(f"{log_text(r.case)}: FAILED: {log_text(r.error)}", err=True)
 
-    results = predict_cases(loaded, args.input, args.output, tta=args.tta,
-                            postprocess=args.postprocess, probabilities=args.probabilities,
-                            on_result=report, series=args.series, formats=args.formats)
+    try:
+        with logging_redirect_tqdm():
+            results = predict_cases(segmenter, args.input, args.output, probabilities=args.probabilities,
+                                    on_result=report, series=args.series, formats=args.formats,
+                                    on_cases=progress.cases, on_slices=progress.slices)
+    finally:
+        progress.close()
     failed = [r.case for r in results if not r.ok]
     if main:
-        print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
+        print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME} "
+              f"and {args.output / STATISTICS_NAME}")
         if failed:
             print(f"ctseg predict: {len(failed)} case(s) failed: {log_text(', '.join(failed))}", file=sys.stderr)
     return 1 if failed else 0
@@ -239,9 +333,39 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """ctseg's version and the versions that decide its numbers, without importing them (fast)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ctseg import __version__
+
+    found = []
+    for name in ("torch", "monai"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return f"ctseg {__version__} (python {platform.python_version()}, {', '.join(found)})"
+
+
+def _logging_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/--quiet before the subcommand (`top`) and after it; a subcommand's copy defaults to
+    SUPPRESS so it does not overwrite what was given before the subcommand."""
+    default = False if top else argparse.SUPPRESS
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="warnings and errors only; no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctseg", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(prog="ctseg", description=__doc__.splitlines()[0],
+                                     epilog="exit status: 0 done, 1 a case failed or a bug (a "
+                                            "traceback), 2 refused input, config or usage, "
+                                            "130 interrupted")
+    parser.add_argument("--version", action="version", version=_version())
+    _logging_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="one DICOM series (or NRRD, MHA/MHD, multi-frame DICOM) to "
@@ -264,13 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("models", help="parameters, memory and CPU time of each registered network")
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--features", type=_int_list, default=[64, 128, 256, 512],
-                   help="encoder widths, comma-separated (default 64,128,256,512)")
-    p.add_argument("--size", type=int, default=512, help="square slice size in pixels")
+    p.add_argument("--config", type=Path, default=None,
+                   help="measure this pipeline's model (widths, slice size, context, variant); "
+                        "default: the shipped lung model's (pipelines/lctsc.yaml)")
+    p.add_argument("--in-channels", type=int, default=None, help="input channels (default 1)")
+    p.add_argument("--features", type=_int_list, default=None,
+                   help="encoder widths, comma-separated (default 8,16,32,64)")
+    p.add_argument("--size", type=int, default=None, help="square slice size in pixels (default 256)")
     p.add_argument("--repeats", type=int, default=2, help="timed forward passes per network")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--variant", choices=("default", "thesis"), default="default",
+    p.add_argument("--variant", choices=("default", "thesis"), default=None,
                    help="ctseg's blocks (default) or the study's, with its counts (thesis)")
     p.set_defaults(func=_cmd_models)
 
@@ -324,10 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
     p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
-    p.add_argument("--input", type=Path, required=True,
+    p.add_argument("-i", "--input", type=Path, required=True,
                    help="DICOM series folder, case folder (any layout), or an image file: "
                         "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
-    p.add_argument("--output", type=Path, required=True, help="folder for <case>.nii.gz and predictions.csv")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder for <case>.nii.gz, <case>.statistics.json, statistics.json and "
+                        "predictions.csv")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average flipped copies (default: as the model's config says)")
@@ -341,10 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="series to read from each DICOM case (as `ctseg series` lists them); "
                         "default: the CT series with the most slices")
     p.add_argument("--format", dest="formats", type=_output_formats, default=("nifti",),
-                   metavar="nifti[,dicom-seg]",
-                   help="outputs per case; NIfTI is always written, dicom-seg adds <case>.seg.dcm "
-                        "referencing the source series (it copies the patient's identifiers, as "
-                        "the standard requires)")
+                   metavar="nifti[,dicom-seg][,rtstruct]",
+                   help="outputs per case; NIfTI is always written, dicom-seg adds <case>.seg.dcm, "
+                        "rtstruct <case>.rtstruct.dcm, both referencing the source series (they "
+                        "copy the patient's identifiers, as the standard requires)")
+    p.add_argument("--split-lungs", action=argparse.BooleanOptionalAction, default=None,
+                   help="label the right lung 1 and the left lung 2 (default: the model's "
+                        "infer.split_lungs, false unless set)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export-bundle", help="a trained run as a complete MONAI bundle")
@@ -369,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_cv)
 
+    for command in sub.choices.values():
+        _logging_options(command, top=False)
     return parser
 
 
@@ -377,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     secondary = os.environ.get("RANK", "0") != "0"  # torchrun's other ranks: warnings and errors only
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if secondary else logging.INFO,
+        level=(logging.DEBUG if args.verbose else
+               logging.WARNING if secondary or args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

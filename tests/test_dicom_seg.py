@@ -88,4 +88,4 @@ def test_predict_writes_a_seg_matching_the_nifti_only_when_asked(tmp_path_factor
     np.testing.assert_array_equal(_read_back(out / "Phantom_001.seg.dcm", volume), mask)
     with pytest.raises(SystemExit):
         main(["predict", "--model", str(run), "--input", str(case), "--output", str(out),
-              "--format", "rtstruct"])
+              "--format", "rtss"])  # not a format (rtstruct is one: tests/test_rtstruct.py)

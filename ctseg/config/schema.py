@@ -160,6 +160,10 @@ class OptimConfig:
     plateau_factor: float = setting(0.5, number(0, 1, above=True))
     plateau_patience: int = setting(5, integer(0, 100_000))
     min_lr: float = setting(1.0e-6, number(0, 10))
+    # plateau: validation Dice halves the LR (train.selection: best); cosine: warm-up then cosine
+    # decay to min_lr ending with the budget (epochs or time limit), no validation decision
+    schedule: str = setting("plateau", choice("plateau", "cosine"))
+    warmup_fraction: float = setting(0.05, number(0, 0.9))     # cosine: share of the budget
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,9 @@ class TrainConfig:
     channels_last: bool = setting(True, BOOLEAN)                # CUDA only
     num_workers: int = setting(0, integer(0, 64))
     sync_bn: bool = setting(False, BOOLEAN)                     # torchrun on GPUs
+    # EMA decay of the weights used for validation and saved as the model; None: raw weights
+    ema: Optional[float] = setting(None, optional(Check("a number in (0, 1)",
+                                                        lambda v: _is_number(v) and 0 < v < 1)))
 
 
 PROB = number(0, 1)
@@ -249,6 +256,7 @@ class InferConfig:
     threshold: float = setting(0.5, number(0, 1))
     tta: tuple = setting([], items(integer(0, 1), 0, 2))        # flip axes averaged in
     amp: bool = setting(True, BOOLEAN)                          # float16 autocast, CUDA only
+    split_lungs: bool = setting(False, BOOLEAN)                 # labels 1 right, 2 left lung
     postprocess: PostprocessConfig = section(PostprocessConfig)
 
 

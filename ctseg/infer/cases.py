@@ -2,11 +2,15 @@
 
 INPUT is a DICOM series folder, a case folder in any layout `ctseg.data.discover_cases` knows,
 or a NIfTI file. Each case is read through `ctseg.io` (so its geometry is exactly what
-`ctseg convert` writes), segmented by `ctseg.infer.volume.predict_volume` (the inference path
-training validated with), post-processed (`ctseg.infer.postprocess`) and written as
-`OUT_DIR/<case>.nii.gz` (uint8 labels, the CT's affine, original resolution). With
-probabilities on, `OUT_DIR/probabilities/<case>.nii.gz` holds the float32 foreground probability
-(binary models) or one volume per class (4D, class last).
+`ctseg convert` writes), segmented by `ctseg.infer.segmenter.Segmenter` (the Python API:
+`predict_volume`, the inference path training validated with, then post-processing and, on
+request, right/left lungs) and written as `OUT_DIR/<case>.nii.gz` (uint8 labels, the CT's affine,
+original resolution), with `OUT_DIR/<case>.statistics.json` (volume and mean HU per label,
+`ctseg.infer.statistics`), also gathered in `OUT_DIR/statistics.json`. With probabilities on,
+`OUT_DIR/probabilities/<case>.nii.gz` holds the float32 foreground probability (binary models)
+or one volume per class (4D, class last). `formats` adds DICOM outputs that reference the source
+series (`<case>.seg.dcm`, `<case>.rtstruct.dcm`): they carry the patient's identifiers, as the
+standard requires, so they are written only on request.
 
 A case that fails is recorded and skipped, and its output of an earlier run removed (so a stale
 mask cannot be scored as this run's); `OUT_DIR/predictions.csv` lists every case with its
@@ -17,10 +21,10 @@ file ctseg did not write (`ctseg.outputs`); case names in the CSV are escaped (`
 
 from __future__ import annotations
 
-import copy
 import csv
 import gzip
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -36,19 +40,27 @@ from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
-from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.volume import num_classes, predict_volume
+from ctseg.infer.segmenter import Segmenter, inference_config
+from ctseg.infer.statistics import label_statistics
 from ctseg.io import load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
+from ctseg.io.rtstruct import save_rtstruct
 from ctseg.io.formats import image_stem, is_image_file
 from ctseg.outputs import check_replaceable, check_writable_dir, folder_lock, is_ours, record, remove_ours
 from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, log_text
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CSV_NAME", "CasePrediction", "FORMATS", "STATISTICS_NAME", "inference_config", "predict_cases"]
+
 CSV_NAME = "predictions.csv"
+STATISTICS_NAME = "statistics.json"
+#: Per-label statistics in the CSV: the lungs as one (all foreground) and, when split, each lung.
+STAT_COLUMNS = ("mean_hu", "right_lung_ml", "right_lung_mean_hu", "left_lung_ml", "left_lung_mean_hu")
 CSV_COLUMNS = ("case", "status", "slices", "seconds", "slices_per_second", "foreground_ml",
-               "output", "error")
+               *STAT_COLUMNS, "output", "error")
+#: Output formats of `predict`; NIfTI is always written, the others add `<case><suffix>`.
+FORMATS = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm"}
 
 
 @dataclass
@@ -63,6 +75,7 @@ class CasePrediction:
     foreground_ml: float = 0.0
     output: Path | None = None
     error: str = ""
+    statistics: dict | None = None  # `ctseg.infer.statistics.label_statistics` of the case
 
     @property
     def slices_per_second(self) -> float:
@@ -97,34 +110,24 @@ def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
     return path
 
 
-def inference_config(config: dict, tta: bool | None = None) -> dict:
-    """The model's config with the command line's TTA choice applied (None keeps the model's).
-
-    `tta=True` keeps the model's own flip axes when it has some, else flips the axes training
-    augmented (`augment.flip.axes`), else left-right: only flips the network has learned to see.
-    """
-    config = copy.deepcopy(config)
-    if tta is None:
-        return config
-    infer = config.setdefault("infer", {})
-    if not tta:
-        infer["tta"] = []
-    elif not infer.get("tta"):
-        flip = get(config, "augment.flip", {}) or {}
-        infer["tta"] = list(flip.get("axes", [1])) if float(flip.get("prob", 0.0)) > 0 else [1]
-    return config
-
-
-def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str | Path, *,
+def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
                   on_result: Callable[[CasePrediction], None] | None = None,
                   series: str | None = None,
-                  formats: tuple[str, ...] = ("nifti",)) -> list[CasePrediction]:
+                  formats: tuple[str, ...] = ("nifti",), split_lungs: bool | None = None,
+                  on_cases: Callable[[int], None] | None = None,
+                  on_slices: Callable[[str, int, int], None] | None = None) -> list[CasePrediction]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
+    `loaded` is a loaded model (then `tta`, `postprocess` and `split_lungs` apply) or a ready
+    `Segmenter`. Progress: `on_cases(n)` once with this process's case count, `on_slices(case,
+    done, total)` during each case, `on_result(result)` after each.
     Under torchrun each rank segments its share of the cases (every case exactly once); the
     results are gathered so every rank returns all of them, and rank 0 writes the CSV.
     """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise CTSegError(f"unknown output format(s) {unknown}; choose from {', '.join(FORMATS)}")
     output_dir = check_writable_dir(output_dir).resolve()
     cases = find_inputs(input_path)
     refusal = None
@@ -136,38 +139,44 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     refusal = distributed.broadcast(refusal)
     if refusal:
         raise CTSegError(refusal)
-    config = inference_config(loaded.config, tta)
-    classes = num_classes(config)
-    steps = postprocess_steps(config, classes) if postprocess else []
-    device = next(loaded.model.parameters()).device
-    log.info("predicting %d case(s) on %s (tta axes %s, post-processing %s)", len(cases), device,
-             get(config, "infer.tta", []) or "off", [name for name, _ in steps] or "off")
+    segmenter = (loaded if isinstance(loaded, Segmenter) else
+                 Segmenter(loaded, tta=tta, postprocess=postprocess, split_lungs=split_lungs))
+    log.info("predicting %d case(s) on %s (tta axes %s, post-processing %s%s)", len(cases),
+             segmenter.device, get(segmenter.config, "infer.tta", []) or "off",
+             [name for name, _ in segmenter.steps] or "off",
+             ", right/left lungs" if segmenter.split_lungs else "")
     results: list[CasePrediction] = []
-    for case in distributed.shard(cases):
+    mine = distributed.shard(cases)
+    if on_cases is not None:
+        on_cases(len(mine))
+    for case in mine:
         start = time.perf_counter()
         written: list[Path] = []
         try:
-            labels_path = output_path(output_dir, case.name)
-            written = [labels_path] + ([output_path(output_dir / "probabilities", case.name)]
-                                       if probabilities else [])
-            if "dicom-seg" in formats:
-                written.append(output_path(output_dir, case.name, ".seg.dcm"))
+            outputs = case_outputs(output_dir, case.name, probabilities, formats)
+            written = list(outputs.values())
             volume = load_image(case.image, series)  # `series` as `ctseg series` lists them
-            labels, probs = predict_volume(loaded.model, volume.array, config, device)
+            progress = None if on_slices is None else (lambda done, total: on_slices(case.name, done, total))
+            segmentation = segmenter.segment(volume, probabilities=probabilities, on_slices=progress)
             if probabilities:
-                save_probabilities(probs, volume.affine, written[1])
-            del probs  # (classes, z, y, x) float32: the largest array of a case
-            labels = postprocess_labels(labels, steps)
-            save_nifti(labels, volume.affine, labels_path, kind="label")
+                save_probabilities(segmentation.probabilities, volume.affine, outputs["probabilities"])
+            labels = segmentation.labels
+            del segmentation  # (classes, z, y, x) float32 probabilities: the largest array of a case
+            save_nifti(labels, volume.affine, outputs["nifti"], kind="label")
+            stats = label_statistics(labels, volume.array, volume.spacing, segmenter.label_names)
+            atomic_write_text(outputs["statistics"], json.dumps({"case": case.name, **stats}, indent=2) + "\n")
+            names = {v: n.capitalize() for v, n in segmenter.label_names.items()}
             if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
-                save_dicom_seg(labels, volume, written[-1])
+                save_dicom_seg(labels, volume, outputs["dicom-seg"],
+                               names=names if segmenter.split_lungs else None)
+            if "rtstruct" in formats:  # as DICOM-SEG: identifiers copied, only on request
+                save_rtstruct(labels, volume, outputs["rtstruct"], names=names)
             with folder_lock(output_dir):
                 record(output_dir, *written)
-            voxel_ml = float(np.prod(volume.spacing)) / 1000.0
             result = CasePrediction(case.name, "ok", slices=int(labels.shape[0]),
                                 seconds=time.perf_counter() - start,
-                                foreground_ml=float(np.count_nonzero(labels)) * voxel_ml,
-                                output=labels_path)
+                                foreground_ml=stats["foreground"]["volume_ml"],
+                                output=outputs["nifti"], statistics=stats)
         except Exception as exc:  # one bad case must not stop the others; the CSV records why
             if not isinstance(exc, CTSegError):
                 log.exception("case %s failed unexpectedly", log_text(case.name))
@@ -180,26 +189,38 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
         results.append(result)
         if distributed.world_size() == 1:
             write_csv(results, output_dir / CSV_NAME)
+            write_statistics(results, output_dir / STATISTICS_NAME)
         if on_result is not None:
             on_result(result)
     if distributed.world_size() > 1:
         results = distributed.unshard(distributed.all_gather(results))
         if distributed.is_main():
             write_csv(results, output_dir / CSV_NAME)
+            write_statistics(results, output_dir / STATISTICS_NAME)
     return results
+
+
+def case_outputs(output_dir: Path, case: str, probabilities: bool,
+                 formats: tuple[str, ...]) -> dict[str, Path]:
+    """Every file a case writes: "nifti", "statistics", and "probabilities" and each DICOM format
+    when asked for."""
+    outputs = {"nifti": output_path(output_dir, case),
+               "statistics": output_path(output_dir, case, ".statistics.json")}
+    if probabilities:
+        outputs["probabilities"] = output_path(output_dir / "probabilities", case)
+    for name in formats:
+        if name != "nifti":
+            outputs[name] = output_path(output_dir, case, FORMATS[name])
+    return outputs
 
 
 def check_outputs(cases: list[Case], output_dir: Path, probabilities: bool,
                   formats: tuple[str, ...] = ("nifti",)) -> None:
     """Refuse the run before any work if an output would replace an input or a user's file."""
-    planned = [output_dir / CSV_NAME]
+    planned = [output_dir / CSV_NAME, output_dir / STATISTICS_NAME]
     for case in cases:
         try:
-            planned.append(output_path(output_dir, case.name))
-            if probabilities:
-                planned.append(output_path(output_dir / "probabilities", case.name))
-            if "dicom-seg" in formats:
-                planned.append(output_path(output_dir, case.name, ".seg.dcm"))
+            planned += case_outputs(output_dir, case.name, probabilities, formats).values()
         except CTSegError:
             continue  # an unusable case name fails on its own, as its CSV row says
     inputs = [p for case in cases for p in (case.image, case.label) if p is not None]
@@ -232,11 +253,43 @@ def write_csv(results: list[CasePrediction], path: Path) -> None:
         for r in results:
             rows[r.case] = {"case": csv_cell(r.case), "status": r.status, "slices": r.slices,
                             "seconds": f"{r.seconds:.3f}", "slices_per_second": f"{r.slices_per_second:.2f}",
-                            "foreground_ml": f"{r.foreground_ml:.2f}",
+                            "foreground_ml": f"{r.foreground_ml:.2f}", **_stat_cells(r.statistics),
                             "output": csv_cell(r.output.name) if r.output else "", "error": csv_cell(r.error)}
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows.values())
         atomic_write_text(path, buffer.getvalue())
+        record(folder, path)
+
+
+def _stat_cells(statistics: dict | None) -> dict[str, str]:
+    """The CSV's statistics columns of a case (empty where the case has no such label)."""
+    cells = dict.fromkeys(STAT_COLUMNS, "")
+    if not statistics:
+        return cells
+    mean = statistics["foreground"]["mean_hu"]
+    cells["mean_hu"] = "" if mean is None else f"{mean:.1f}"
+    for side in ("right", "left"):
+        entry = statistics["labels"].get(f"{side} lung")
+        if entry is not None:
+            cells[f"{side}_lung_ml"] = f"{entry['volume_ml']:.2f}"
+            cells[f"{side}_lung_mean_hu"] = "" if entry["mean_hu"] is None else f"{entry['mean_hu']:.1f}"
+    return cells
+
+
+def write_statistics(results: list[CasePrediction], path: Path) -> None:
+    """Merge the cases' statistics into the folder's `statistics.json` by case (newest wins; a
+    failed case's earlier entry is dropped), under the folder lock as the CSV."""
+    folder = path.parent
+    with folder_lock(folder):
+        cases: dict[str, dict] = {}
+        if is_ours(folder, path):
+            cases = json.loads(path.read_text()).get("cases", {})
+        for r in results:
+            if r.ok and r.statistics is not None:
+                cases[r.case] = r.statistics
+            else:
+                cases.pop(r.case, None)
+        atomic_write_text(path, json.dumps({"cases": dict(sorted(cases.items()))}, indent=2) + "\n")
         record(folder, path)

@@ -14,6 +14,8 @@ coarse label map. Settings are read through the schema's typed view (`ctseg.conf
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -56,11 +58,13 @@ def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.
 
 @torch.inference_mode()
 def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, config: dict,
-                   device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   device: torch.device | str | None = None,
+                   on_slices: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Segment a (z, y, x) HU volume slice by slice.
 
     Returns `labels` (z, y, x) uint8 and `probabilities` (num_classes, z, y, x) float32 (for a
-    binary model: background, foreground), both at the input's resolution.
+    binary model: background, foreground), both at the input's resolution. `on_slices(done,
+    total)` is called after each forward pass (total counts every TTA pass), for progress bars.
     """
     if device is None:
         device = next(model.parameters()).device
@@ -78,17 +82,23 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
                                    sw_batch_size=inference_batch_size(config, device),
                                    overlap=0.0, sw_device=device, device=torch.device("cpu"))
 
+    flips = list(infer.tta)
+    total, done = depth * (1 + len(flips)), 0
+
     def network(x: torch.Tensor) -> torch.Tensor:
+        nonlocal done
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             logits = model(x)
+        if on_slices is not None:
+            done += x.shape[0]
+            on_slices(done, total)
         return _activate(logits.float(), config)
 
     was_training = model.training
     model.eval()
     try:
-        flips = list(infer.tta)
         probs = inferer(inputs, network)
         for axis in flips:
             dims = (2 + axis,)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -103,9 +103,17 @@ def network_report(names: Sequence[str] | None = None, in_channels: int = 1,
                    size: int = 512, repeats: int = 2, variant: str = "default") -> list[dict]:
     """One row per network (default: all) of `variant`, measured on a (1, in_channels, size, size)
     slice; layers are counted on the smallest slice the network takes."""
+    return list(iter_network_report(names, in_channels, out_channels, features, size, repeats, variant))
+
+
+def iter_network_report(names: Sequence[str] | None = None, in_channels: int = 1,
+                        out_channels: int = 1, features: Sequence[int] | None = None,
+                        size: int = 512, repeats: int = 2,
+                        variant: str = "default") -> Iterator[dict]:
+    """`network_report`'s rows as each is measured, so a caller can show them at once (a 512x512
+    report takes minutes on a CPU)."""
     if size < 1 or repeats < 1:
         raise ConfigError(f"size ({size}) and repeats ({repeats}) must be >= 1")
-    rows = []
     x = torch.randn(1, in_channels, size, size)
     for name in names or list_networks():
         model = build_network(name, in_channels, out_channels, features=features,
@@ -113,7 +121,7 @@ def network_report(names: Sequence[str] | None = None, in_channels: int = 1,
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        rows.append({
+        yield {
             "name": name,
             "variant": variant,
             "layers": count_layers(model, torch.zeros(1, in_channels, model.min_size,
@@ -125,5 +133,4 @@ def network_report(names: Sequence[str] | None = None, in_channels: int = 1,
             "cpu_ms_per_slice": round(cpu_latency_ms(model, x, repeats), 1),
             "input_shape": list(x.shape),
             "threads": torch.get_num_threads(),
-        })
-    return rows
+        }

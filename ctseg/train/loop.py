@@ -10,7 +10,10 @@ post-processing (`infer.postprocess`), i.e. what `ctseg predict` does, scored at
 resolution; the best checkpoint is the one with the best mean volume Dice. With
 `train.selection: last` the run is fixed-length instead: no plateau LR, no early stopping, `best.pt`
 is the last epoch, and validation (which may then be empty) only monitors, so cases scored later
-(`ctseg cv`'s test folds) cannot have steered the run. `metrics.json`'s
+(`ctseg cv`'s test folds) cannot have steered the run. With `optim.schedule: cosine` the LR follows
+the budget (`ctseg.train.schedule`), never validation, and early stopping is off; with `train.ema`
+validation and the checkpoints' `model` use the weights' moving average (`raw_model` and
+`ema_updates` keep what resume needs). `metrics.json`'s
 `train_seconds` is the wall time of the epochs (training + validation), `slices_per_second` the
 training slices over the time spent in training steps.
 
@@ -53,6 +56,7 @@ from ctseg.infer.volume import predict_volume
 from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
+from ctseg.train.schedule import BudgetCosine, WarmEMA, budget_progress
 from ctseg.train.tracking import Tracker
 from ctseg.transforms import num_classes, train_transforms
 from ctseg.utils import atomic_write_text
@@ -226,9 +230,9 @@ class _Trainer:
             lambda_dice=float(cfg.loss.lambda_dice), lambda_ce=float(cfg.loss.lambda_ce),
         )
         self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=float(cfg.optim.plateau_factor),
-            patience=cfg.optim.plateau_patience, min_lr=float(cfg.optim.min_lr))
+        self.cosine = cfg.optim.schedule == "cosine"
+        self.scheduler = self._scheduler()
+        self.ema = WarmEMA(self.model, float(cfg.train.ema)) if cfg.train.ema is not None else None
         self.postprocess = postprocess_steps(config, self.num_classes)
         self.state = RunState()
         # Training steps go through `net` (DDP when several processes); checkpoints, validation
@@ -243,11 +247,40 @@ class _Trainer:
                                        weight_decay=float(o.weight_decay), momentum=float(o.momentum))
         return torch.optim.Adam(self.model.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
 
+    def _scheduler(self) -> BudgetCosine | torch.optim.lr_scheduler.ReduceLROnPlateau:
+        o = self.cfg.optim
+        if self.cosine:
+            return BudgetCosine(self.optimizer, float(o.lr), float(o.min_lr), float(o.warmup_fraction))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=float(o.plateau_factor), patience=o.plateau_patience,
+            min_lr=float(o.min_lr))
+
+    def _after_step(self, epoch: int, step: int, steps: int, epoch_start: float) -> None:
+        """Per optimizer step: the budget schedule's next LR and the weights' moving average."""
+        if self.cosine:
+            t = self.cfg.train
+            limit = None if t.time_limit_minutes is None else float(t.time_limit_minutes) * 60
+            elapsed = self.state.elapsed_seconds + time.perf_counter() - epoch_start
+            progress = budget_progress(epoch, step, steps, t.epochs, elapsed, limit)
+            if limit is not None:  # every rank takes the furthest progress, so their LRs agree
+                (progress,) = distributed.all_reduce([progress], op="max")
+            self.scheduler.step(progress)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validated and saved as the model: the moving average with `train.ema`."""
+        return self.ema.module if self.ema is not None else self.model
+
     # --- checkpoints -------------------------------------------------------------------------
     def _checkpoint(self) -> dict:
         s = self.state
+        ema = {} if self.ema is None else {"raw_model": self.model.state_dict(),
+                                           "ema_updates": self.ema.updates}
         return {
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -265,7 +298,11 @@ class _Trainer:
         }
 
     def restore(self, ckpt: dict) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:  # `model` holds the average, `raw_model` the trained weights
+            self.model.load_state_dict(ckpt["raw_model"])
+            self.ema.load(ckpt["model"], int(ckpt["ema_updates"]))
+        else:
+            self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -284,7 +321,8 @@ class _Trainer:
         if s.epoch >= t.epochs:
             return "reached train.epochs"
         patience = t.early_stopping
-        if self.select_best and patience is not None and s.epoch - s.best_epoch >= patience:
+        early = self.select_best and not self.cosine  # the cosine schedule runs to its end
+        if early and patience is not None and s.epoch - s.best_epoch >= patience:
             return f"early stopping: no better validation Dice for {patience} epochs"
         limit = t.time_limit_minutes
         if limit is not None and s.elapsed_seconds >= float(limit) * 60:
@@ -296,9 +334,9 @@ class _Trainer:
         while (reason := self._stop_reason()) is None:
             epoch = self.state.epoch + 1
             start = time.perf_counter()
-            loss, slices, step_seconds = self._train_epoch(epoch, total)
+            loss, slices, step_seconds = self._train_epoch(epoch, total, start)
             val = self._validate() if self.val_cases else dict.fromkeys(VAL_KEYS, math.nan)
-            if self.select_best:
+            if self.select_best and not self.cosine:
                 self.scheduler.step(val["dice"])
             # The slowest rank's time, so every rank takes the same time-limit decision.
             (seconds,) = distributed.all_reduce([time.perf_counter() - start], op="max")
@@ -330,7 +368,7 @@ class _Trainer:
                         row["slices_per_second"])
         logger.info("stopped after epoch %d: %s", self.state.epoch, reason)
 
-    def _train_epoch(self, epoch: int, total: int) -> tuple[float, int, float]:
+    def _train_epoch(self, epoch: int, total: int, start: float) -> tuple[float, int, float]:
         n = self.cfg.train.slices_per_epoch or len(self.dataset)
         generator = _epoch_generator(self.seed, epoch)
         sampler = ForegroundRatioSampler(self.dataset.foreground, int(n),
@@ -343,8 +381,10 @@ class _Trainer:
         clip = self.cfg.train.clip_grad_norm
         self.model.train()
         loss_sum, slices, seconds = 0.0, 0, 0.0
-        for batch in tqdm(loader, desc=f"epoch {epoch}/{total}", unit="batch", leave=False,
-                          disable=None if distributed.is_main() else True):
+        steps = len(loader)
+        batches = tqdm(loader, desc=f"epoch {epoch}/{total}", unit="batch", leave=False,
+                       disable=None if distributed.is_main() else True)
+        for step, batch in enumerate(batches, start=1):
             t0 = time.perf_counter()
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
@@ -370,6 +410,7 @@ class _Trainer:
             self.bad_batches = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self._after_step(epoch, step, steps, start)
             seconds += time.perf_counter() - t0
             loss_sum += loss.item() * images.shape[0]
             slices += images.shape[0]
@@ -406,7 +447,7 @@ class _Trainer:
         """
         per_case, kept = {}, []
         for case in (distributed.shard(self.val_cases) if sharded else self.val_cases):
-            raw, _ = predict_volume(self.model, case.hu, self.config, self.device)
+            raw, _ = predict_volume(self.eval_model, case.hu, self.config, self.device)
             pred = postprocess_labels(raw, self.postprocess)
             truth = np.asarray(case.label)
             per_case[case.name] = prediction_scores(pred, raw, truth, case.spacing, self.num_classes,
@@ -444,6 +485,8 @@ class _Trainer:
             "train_cases": len(self.split["train"]),
             "val_cases": len(self.split["val"]),
             "selection": "best" if self.select_best else "last",
+            "schedule": self.cfg.optim.schedule,
+            "ema": self.cfg.train.ema,
             **(extra or {}),
         }
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
@@ -461,7 +504,7 @@ class _Trainer:
                         self.run_dir)
             return
         if best_path.is_file():
-            self.model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
+            self.eval_model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
         val = self._validate(distances=True, keep=True, sharded=False)  # rank 0 only
         qc_paths = write_qc_images(val["qc"], self.run_dir / "qc", self.num_classes)
         summary = {f"best_val_{k}": v for k, v in val.items()
