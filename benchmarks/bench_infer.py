@@ -1,7 +1,7 @@
 """End-to-end inference per case: DICOM folder -> mask NIfTI, ctseg against a stock MONAI pipeline.
 
 Pipelines, each timed from the DICOM folder to the written NIfTI:
-- `ctseg`: `ctseg.infer.predict.predict_cases` (what `ctseg predict` runs): `ctseg.io.load_series`,
+- `ctseg`: `ctseg.infer.cases.predict_cases` (what `ctseg predict` runs): `ctseg.io.load_series`,
   `predict_volume` (SlidingWindowInferer with a 2D ROI), post-processing (two largest components,
   fill holes), `save_nifti`. Model: `--model` (run folder, checkpoint or bundle), else the
   network `pipelines/lctsc.yaml` describes with untrained weights (same cost).
@@ -40,15 +40,14 @@ def _rss_mb() -> float:
 
 
 def _ctseg_model(model: str | None, config_path: Path):
-    from ctseg.config import load_config
-    from ctseg.infer.model_loader import LoadedModel, load_model
-    from ctseg.train.checkpoint import build_model_from_config, network_spec
-    from ctseg.config import resolve_config
+    from ctseg.config import load_config, resolve_config
+    from ctseg.infer.model_loader import LoadedModel, build_model, load_model, network_spec
 
     if model:
         return load_model(model, device="cpu")
     config = resolve_config(load_config(config_path))
-    return LoadedModel(build_model_from_config(config).eval(), config, network_spec(config), config_path,
+    spec = network_spec(config)
+    return LoadedModel(build_model(spec).eval(), config, spec, config_path,
                        "config")
 
 
@@ -75,7 +74,7 @@ def child(args: argparse.Namespace) -> None:
     result: dict = {"pipeline": args.child, "cases": {}, "threads": torch.get_num_threads()}
 
     if args.child == "ctseg":
-        from ctseg.infer.predict import predict_cases
+        from ctseg.infer.cases import predict_cases
 
         model = loaded.model
         result["network"] = f"ctseg {loaded.network['name']} {loaded.network.get('features')}"
@@ -89,7 +88,7 @@ def child(args: argparse.Namespace) -> None:
         from monai.inferers import SliceInferer
         from monai.transforms import AsDiscrete, Compose, LoadImage, Resize, SaveImage, ScaleIntensityRange
 
-        from ctseg.infer.predictor import inference_batch_size
+        from ctseg.infer.volume import inference_batch_size
         from ctseg.transforms import hu_window, training_size
 
         target = sum(p.numel() for p in loaded.model.parameters())
@@ -132,7 +131,7 @@ def child(args: argparse.Namespace) -> None:
 def _ctseg_stages(loaded, case: Path, out: Path) -> dict:
     """Seconds of each step of `predict_cases` for one case, for the breakdown line."""
     from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-    from ctseg.infer.predictor import num_classes, predict_volume
+    from ctseg.infer.volume import num_classes, predict_volume
     from ctseg.io import load_series, save_nifti
 
     times = {}

@@ -1,7 +1,7 @@
 """Memory of `ctseg predict` over many cases: resident memory after each case must stay flat.
 
 Writes N phantom cases (real DICOM) and trains a tiny model on 3 others (or takes `--model`),
-then runs the same path as `ctseg predict` (`ctseg.infer.predict.predict_cases`, each mask
+then runs the same path as `ctseg predict` (`ctseg.infer.cases.predict_cases`, each mask
 written as NIfTI) and reads the process's resident set size (VmRSS) after every case. A leak of
 one volume per case would add its size (`volume MB` below) at each step; flat means the growth
 from the first cases to the last stays well below one volume. Linux only (/proc/self/status).
@@ -43,8 +43,8 @@ def tiny_model(root: Path) -> Path:
 
 def run(args: argparse.Namespace, root: Path) -> None:
     from ctseg.data.phantom import write_phantom_dataset
+    from ctseg.infer.cases import predict_cases
     from ctseg.infer.model_loader import load_model
-    from ctseg.infer.predict import predict_cases
 
     start = time.perf_counter()
     cases = write_phantom_dataset(root / "cases", n_cases=args.cases, seed=7, rows=args.rows,

@@ -30,7 +30,7 @@ from ctseg.data import discover_cases
 from ctseg.data.cache import cache_cases
 from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset
 from ctseg.networks import build_network
-from ctseg.train.loop import ensure_phantom
+from ctseg.data.phantom import ensure_phantom
 from ctseg.transforms import train_transforms
 
 LCTSC = Path(__file__).resolve().parents[1].parent / "shared/data/lctsc"

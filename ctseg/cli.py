@@ -82,7 +82,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ctseg.evaluate.compare import compare_runs, to_markdown
+    from ctseg.study.compare import compare_runs, to_markdown
     from ctseg.utils import pick_device
 
     rows = compare_runs(args.run_dirs, args.output, case_dir=args.case_dir, device=args.device)
@@ -183,7 +183,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")  # ctseg.infer.predict.FORMATS, without importing torch
+OUTPUT_FORMATS = ("nifti", "dicom-seg", "rtstruct")  # ctseg.infer.cases.FORMATS, without importing torch
 
 
 def _output_formats(text: str) -> tuple[str, ...]:
@@ -196,7 +196,7 @@ def _output_formats(text: str) -> tuple[str, ...]:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from ctseg.evaluate.experiments import run_experiment
+    from ctseg.study.experiments import run_experiment
 
     doc = run_experiment(args.name, size=args.size, runs_root=args.runs_root, output=args.output,
                          doc_dir=args.doc_dir, device=args.device)
@@ -265,7 +265,7 @@ class _Progress:
 def _predict(args: argparse.Namespace, device, main: bool) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from ctseg.infer.predict import CSV_NAME, STATISTICS_NAME, predict_cases
+    from ctseg.infer.cases import CSV_NAME, STATISTICS_NAME, predict_cases
     from ctseg.infer.segmenter import Segmenter
     from ctseg.outputs import check_writable_dir
     from ctseg.utils import log_text

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ctseg.errors import ConfigError
+
 #: ctseg's temp names: `.<target>.ctseg<pid>.<random>.tmp`; the pid tells a live writer's temp file
 #: from one a killed process left behind.
 _TEMP_NAME = re.compile(r"^\..+\.ctseg(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
@@ -115,8 +117,6 @@ def pick_device(requested: str | None = None):
 def _checked_device(requested: str):
     """`requested` as a torch device, refused (ConfigError) when this machine does not have it."""
     import torch
-
-    from ctseg.errors import ConfigError
 
     try:
         device = torch.device(requested)

@@ -191,8 +191,8 @@ def test_metadata_validates_against_the_vendored_20240725_schema(bundle, tmp_pat
 def test_bundle_scripts_behave_like_ctseg(bundle, run_dir, phantom_dir):
     """The copies the bundle carries give ctseg's outputs on the same inputs."""
     from ctseg.data.dataset import stack_context
+    from ctseg.infer.cases import find_inputs
     from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-    from ctseg.infer.predict import find_inputs
     from ctseg.io import load_series
 
     loaded = load_model(run_dir, "cpu")

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-import ctseg.io
+import ctseg.io.formats
 from ctseg.data import Case, discover_cases
 from ctseg.data.cache import cache_case
 from ctseg.io import load_mask, load_series
@@ -18,15 +18,16 @@ CONFIG = {"data": {"size": [32, 32], "window": [-1000, 400]}}
 
 @pytest.fixture
 def reads(monkeypatch):
-    """Count DICOM series reads (a pass-through spy on ctseg.io.load_series)."""
+    """Count DICOM series reads (a pass-through spy on the `load_series` that `ctseg.io.load_image`,
+    the cache's reader, calls)."""
     calls = []
-    real = ctseg.io.load_series
+    real = ctseg.io.formats.load_series
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ctseg.io, "load_series", counting)
+    monkeypatch.setattr(ctseg.io.formats, "load_series", counting)
     return calls
 
 

@@ -17,7 +17,7 @@ from ctseg.cli import main
 from ctseg.data import discover_cases
 from ctseg.evaluate.evaluate import evaluate_predictions
 from ctseg.train import train
-from ctseg.train.checkpoint import load_checkpoint
+from ctseg.infer.model_loader import load_checkpoint
 
 
 def tiny_config(root: Path) -> dict:

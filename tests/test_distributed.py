@@ -127,7 +127,7 @@ def test_training_completes_and_resumes_under_two_processes(dist_run):
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
     for name in ("config.yaml", "split.json", "checkpoints/best.pt", "checkpoints/last.pt", "qc/best.png"):
         assert (run / name).is_file(), name
-    from ctseg.train.checkpoint import load_checkpoint
+    from ctseg.infer.model_loader import load_checkpoint
 
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 2
@@ -177,7 +177,7 @@ def test_every_rank_agrees_on_the_validation_dice(dist_run):
 @pytest.mark.slow
 def test_a_nan_batch_on_one_rank_is_skipped_by_both(dist_run):
     assert [r["skipped"] for r in dist_run["ranks"]] == [1, 1]
-    from ctseg.train.checkpoint import load_checkpoint
+    from ctseg.infer.model_loader import load_checkpoint
 
     state = load_checkpoint(dist_run["run"] / "checkpoints" / "last.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

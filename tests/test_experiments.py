@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from ctseg.cli import main
 from ctseg.errors import ConfigError
-from ctseg.evaluate.experiments import find_pipeline, load_pipeline, plan_runs, repo_root_of, run_experiment
+from ctseg.study.experiments import find_pipeline, load_pipeline, plan_runs, repo_root_of, run_experiment
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines" / "experiments"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctseg.errors import MaskError
-from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.evaluate.metrics import prediction_scores, segmentation_metrics, slice_dice
 
 
 def _cube_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -133,3 +133,18 @@ def test_refuses_mismatched_or_bad_input():
         segmentation_metrics(pred * 3, truth, (1.0, 1.0, 1.0))
     with pytest.raises(MaskError, match="integer"):
         slice_dice(pred.astype(np.float32), truth)
+
+
+def test_prediction_scores_add_slice_and_raw_dice():
+    """Training validation and `ctseg compare` report these keys through one function."""
+    pred, truth = _cube_pair()
+    same = prediction_scores(pred, pred, truth, (3.0, 1.0, 1.0))
+    assert same["raw_dice"] == same["dice"] == pytest.approx(0.75)
+    assert same["slice_dice"] == pytest.approx(np.mean(slice_dice(pred, truth)))
+    assert "hd95_mm" not in same
+    cleaned = pred.copy()
+    cleaned[1:4, 6, 2:6] = 0  # post-processing removed the false-positive row
+    scores = prediction_scores(cleaned, pred, truth, (3.0, 1.0, 1.0), distances=True)
+    assert scores["dice"] == pytest.approx(2 * 36 / (36 + 48))
+    assert scores["raw_dice"] == pytest.approx(0.75)
+    assert "hd95_mm" in scores

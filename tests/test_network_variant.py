@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from ctseg.cli import main
-from ctseg.infer.model_loader import load_model
+from ctseg.infer.model_loader import build_model, load_checkpoint, load_model
 from ctseg.networks.mfe import MFE, SplitMFE
 from ctseg.train import train
-from ctseg.train.checkpoint import build_model, load_checkpoint, save_checkpoint
+from ctseg.train.checkpoint import save_checkpoint
 
 CONFIG = {
     "data": {"size": [32, 32]},

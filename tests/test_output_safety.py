@@ -22,7 +22,7 @@ from ctseg.cli import main
 from ctseg.data import discover_cases
 from ctseg.data.cache import load_case_volume
 from ctseg.evaluate.evaluate import evaluate_predictions
-from ctseg.infer.predict import CaseResult, write_csv
+from ctseg.infer.cases import CasePrediction, write_csv
 from ctseg.io import load_mask, save_nifti
 from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, log_text
 
@@ -119,8 +119,8 @@ def test_evaluate_does_not_score_a_mask_the_table_says_failed(phantom_dir, tmp_p
     for case in discover_cases(phantom_dir):  # perfect masks for every case...
         volume = load_case_volume(case)
         save_nifti(load_mask(case.label, volume), volume.affine, pred / f"{case.name}.nii.gz", kind="label")
-    write_csv([CaseResult("Phantom_000", "ok"), CaseResult("Phantom_001", "failed", error="DicomError: x"),
-               CaseResult("Phantom_002", "ok")], pred / "predictions.csv")  # ...but one case failed
+    write_csv([CasePrediction("Phantom_000", "ok"), CasePrediction("Phantom_001", "failed", error="DicomError: x"),
+               CasePrediction("Phantom_002", "ok")], pred / "predictions.csv")  # ...but one case failed
     summary = evaluate_predictions(pred, phantom_dir, tmp_path / "eval")
     assert summary["cases"] == 2 and summary["failed_predictions"] == ["Phantom_001"]
     assert "Phantom_001" not in _rows(tmp_path / "eval" / "cases.csv")
@@ -168,6 +168,7 @@ def _refused_output(argv: list[str], capsys, message: str) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("ctseg.infer.model_loader.load_model", _no_work)
         mp.setattr("ctseg.data.cache.load_case_volume", _no_work)
+        mp.setattr("ctseg.evaluate.evaluate.load_case_volume", _no_work)  # bound at import there
         assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err, captured.err
@@ -249,10 +250,10 @@ def test_concurrent_writers_of_one_table_lose_no_row(tmp_path):
     script = textwrap.dedent("""
         import sys
         from pathlib import Path
-        from ctseg.infer.predict import CaseResult, write_csv
+        from ctseg.infer.cases import CasePrediction, write_csv
         tag, out = sys.argv[1], Path(sys.argv[2])
         for i in range(40):
-            write_csv([CaseResult(f"{tag}_{k:02d}", "ok") for k in range(i + 1)], out / "predictions.csv")
+            write_csv([CasePrediction(f"{tag}_{k:02d}", "ok") for k in range(i + 1)], out / "predictions.csv")
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", script, tag, str(tmp_path)], env=env) for tag in "ab"]

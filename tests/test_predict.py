@@ -14,9 +14,9 @@ import torch
 from ctseg.cli import main
 from ctseg.config import apply_overrides
 from ctseg.errors import ConfigError, CTSegError, ModelError
+from ctseg.infer.cases import inference_config, output_path
 from ctseg.infer.model_loader import load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predict import inference_config, output_path
 from ctseg.io import load_mask, load_series
 
 from infer_helpers import tiny_run

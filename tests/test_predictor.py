@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ctseg.errors import ConfigError, ModelError
-from ctseg.infer.predictor import inference_batch_size, predict_volume, preprocess_volume
+from ctseg.infer.volume import inference_batch_size, predict_volume, preprocess_volume
 from ctseg.networks import build_network
 
 

@@ -138,7 +138,7 @@ def test_nifti_headers_carry_no_identifying_text(produced):
 def test_case_names_cannot_leave_the_output_folder_in_predict_and_evaluate(produced, tmp_path):
     """A NIfTI case file named `...nii.gz` is a case called `..`: prediction refuses that one case
     and writes the others; evaluation scores it without writing anything outside its folder.
-    (Path separators cannot occur in a name read from disk; `ctseg.infer.predict.output_path`
+    (Path separators cannot occur in a name read from disk; `ctseg.infer.cases.output_path`
     refuses them and `..` for any caller: tests/test_predict.py.)"""
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -14,8 +14,8 @@ import torch
 
 from ctseg.cli import main
 from ctseg.config import apply_overrides, load_config
+from ctseg.infer.model_loader import load_checkpoint
 from ctseg.train import train
-from ctseg.train.checkpoint import load_checkpoint
 from ctseg.train.schedule import budget_progress, cosine_lr
 
 LR, MIN_LR, WARMUP = 0.01, 1e-4, 0.3

@@ -24,7 +24,7 @@ from ctseg.data.phantom import write_phantom_dataset
 from ctseg.errors import ConfigError
 from ctseg.io import load_series, save_nifti
 from ctseg.train import train
-from ctseg.train.checkpoint import load_checkpoint
+from ctseg.infer.model_loader import load_checkpoint
 from ctseg.train.loop import HISTORY_COLUMNS
 from ctseg.train.tracking import Tracker
 

@@ -18,6 +18,7 @@ import yaml
 
 from ctseg.config.schema import flatten, resolve_config
 from ctseg.errors import ConfigError
+from ctseg.utils import atomic_write_text
 
 MAX_BYTES = 1_000_000   # a config is a few KB; a bundle's inference.yaml ~10 KB
 MAX_DEPTH = 32          # sections nest 3-4 deep
@@ -135,6 +136,4 @@ def get(config: dict, dotted: str, default: Any = None) -> Any:
 
 def save_config(config: dict, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from ctseg.utils import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config, sort_keys=False))

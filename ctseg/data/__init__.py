@@ -1,4 +1,4 @@
-"""Cases on disk and the built-in phantom dataset."""
+"""Data: cases on disk, the built-in phantom dataset, the preprocessing cache, splits and slice datasets."""
 
 from ctseg.data.cases import Case, discover_cases
 

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Protocol
 import numpy as np
 
 from ctseg.errors import MaskError
+from ctseg.io import load_image, load_mask
 from ctseg.transforms import (hu_window, label_channels, num_classes, output_channels, preprocess_transforms,
                               training_size)
 
@@ -141,17 +142,12 @@ def cache_cases(cases: Iterable[CaseLike], config: dict,
 
 
 def load_case_volume(case: CaseLike):
-    """Read a case's image as a CTVolume: a DICOM series folder, or an image file in any
-    format `ctseg.io.load_image` reads."""
-    from ctseg.io import load_image, load_series
-
-    image = Path(case.image)
-    return load_series(image) if image.is_dir() else load_image(image)
+    """A case's image as a CTVolume, read by `ctseg.io.load_image` as `ctseg predict` reads it
+    (DICOM folder, multi-frame DICOM, NIfTI, NRRD, MetaImage), so training and inference agree."""
+    return load_image(Path(case.image))
 
 
 def _write_source(case: CaseLike, entry: Path) -> None:
-    from ctseg.io import load_mask
-
     volume = load_case_volume(case)
     hu = np.asarray(volume.array, dtype=np.float32)
     label = load_mask(case.label, volume).astype(np.uint8) if case.label else None

@@ -14,13 +14,13 @@ from typing import Iterator
 
 from ctseg.errors import DicomError
 from ctseg.io.formats import IMAGE_SUFFIXES, image_stem
+from ctseg.io.nifti import NIFTI_SUFFIXES
 from ctseg.io.redact import show_path
 
 log = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _IMAGE_NAMES = tuple(f"image{s}" for s in IMAGE_SUFFIXES)
-_MASK_SUFFIXES = ("_seg.npz", "_seg.nii.gz", "_seg.nii")
+_MASK_SUFFIXES = ("_seg.npz", *(f"_seg{s}" for s in NIFTI_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def _folder_layout(root: Path) -> list[Case]:
 
 
 def _folder_mask(folder: Path) -> Path | None:
-    inside = (folder / f"mask{s}" for s in _NIFTI_SUFFIXES)
+    inside = (folder / f"mask{s}" for s in NIFTI_SUFFIXES)
     beside = (folder.parent / f"{folder.name}{s}" for s in _MASK_SUFFIXES)
     return _first_existing([*inside, *beside])
 

@@ -11,6 +11,7 @@ whole volume, so a dataset takes seconds.
 from __future__ import annotations
 
 import datetime
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from ctseg.config import config_view
+from ctseg.data.cache import default_cache_dir
 from ctseg.utils import atomic_path
+
+log = logging.getLogger(__name__)
 
 #: DICOM stores HU + 1024 as int16 with RescaleIntercept -1024, as most CT scanners do.
 INTERCEPT = -1024.0
@@ -60,6 +65,26 @@ def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, 
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, masks=mask)
     return root
+
+
+def ensure_phantom(config: dict) -> Path:
+    """The built-in phantom dataset, written once into `<cache>/phantom/<settings>` and reused."""
+    cfg = config_view(config)
+    p = cfg.phantom
+    root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
+    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}"
+    if (final / ".complete").is_file():
+        return final
+    log.info("writing the phantom dataset to %s (once; reused by later runs)", final)
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
+                                         cols=p.cols, slices=p.slices))
+    (written / ".complete").write_text("")
+    shutil.rmtree(final, ignore_errors=True)
+    written.rename(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256,

@@ -27,11 +27,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from ctseg.data import discover_cases
+from ctseg.data.cache import load_case_volume
 from ctseg.errors import CTSegError, MaskError
 from ctseg.evaluate import figures, groups as grouping
-from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS, segmentation_metrics,
-                                   slice_dice)
+from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS,
+                                    segmentation_metrics, slice_dice)
+from ctseg.io import load_mask, load_nifti
 from ctseg.io.masks import AFFINE_TOLERANCE
+from ctseg.io.nifti import nifti_stem
 from ctseg.io.volume import CTVolume
 from ctseg.outputs import check_writable_dir
 from ctseg.utils import atomic_write_text, csv_cell, csv_uncell, log_text
@@ -40,13 +44,13 @@ log = logging.getLogger(__name__)
 
 #: Columns of cases.csv before the metrics.
 CASE_COLUMNS = ("case", "group", "slices", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm")
-#: The table `ctseg predict` writes beside its masks (`ctseg.infer.predict.CSV_NAME`).
+#: The table `ctseg predict` writes beside its masks (`ctseg.infer.cases.CSV_NAME`).
 PREDICTIONS_CSV = "predictions.csv"
 SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels", "pred_pixels", "counted")
 
 
 @dataclass
-class CaseResult:
+class CaseEvaluation:
     """Everything the report needs about one case; CT kept only for the three gallery slices."""
 
     name: str
@@ -63,8 +67,6 @@ class CaseResult:
 
 def load_prediction(path: Path, reference: CTVolume, tolerance: float = AFFINE_TOLERANCE) -> np.ndarray:
     """Predicted labels (z, y, x) uint8, refused unless on exactly `reference`'s voxel grid."""
-    from ctseg.io import load_nifti
-
     pred = load_nifti(path)
     if pred.shape != reference.shape:
         raise MaskError(f"{path}: prediction shape {pred.shape} (z, y, x) differs from the CT "
@@ -94,11 +96,8 @@ def slice_positions(volume: CTVolume) -> np.ndarray:
 def evaluate_case(
     case, pred_path: Path, *, group: str = "all", tolerance_mm: float = 2.0,
     empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, num_classes: int | None = None,
-) -> CaseResult:
+) -> CaseEvaluation:
     """Metrics, per-slice Dice and the best/median/worst gallery for one labelled `ctseg.data.Case`."""
-    from ctseg.data.cache import load_case_volume
-    from ctseg.io import load_mask
-
     volume = load_case_volume(case)
     truth = load_mask(case.label, volume)
     pred = load_prediction(pred_path, volume)
@@ -113,7 +112,7 @@ def evaluate_case(
                                    tolerance_mm=tolerance_mm)
     dice = slice_dice(pred, truth, empty_threshold=empty_threshold, num_classes=n_classes)
     truth_pixels, pred_pixels = (truth > 0).sum(axis=(1, 2)), (pred > 0).sum(axis=(1, 2))
-    result = CaseResult(
+    result = CaseEvaluation(
         name=case.name, group=group, spacing=tuple(float(s) for s in volume.spacing), metrics=metrics,
         positions_mm=slice_positions(volume), dice=dice, truth_pixels=truth_pixels, pred_pixels=pred_pixels,
         counted=counted_slices(truth_pixels, pred_pixels, empty_threshold),
@@ -136,11 +135,7 @@ def gallery_slices(dice: np.ndarray, counted: np.ndarray) -> list[tuple[str, int
     A false-positive-only slice scores 0 and so is the worst one shown; slices empty in both
     would always be "best" while showing nothing, so they are left out.
     """
-    candidates = np.flatnonzero(counted)
-    if candidates.size == 0:
-        return []
-    order = candidates[np.argsort(dice[candidates], kind="stable")]
-    return [("best", int(order[-1])), ("median", int(order[len(order) // 2])), ("worst", int(order[0]))]
+    return figures.best_median_worst(dice, np.flatnonzero(counted))
 
 
 def summarize(rows: Iterable[Mapping[str, float]], keys: Iterable[str]) -> dict[str, dict]:
@@ -167,13 +162,10 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], lis
     Also returns predictions without a labelled case and labelled cases without a prediction,
     which the report lists rather than silently dropping.
     """
-    from ctseg.data import discover_cases
-
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     if not pred_dir.is_dir():
         raise CTSegError(f"{pred_dir}: prediction folder not found")
-    preds = {p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.stem: p
-             for p in sorted(pred_dir.iterdir()) if p.is_file() and p.name.endswith((".nii", ".nii.gz"))}
+    preds = {nifti_stem(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and nifti_stem(p)}
     cases = {case.name: case for case in discover_cases(truth_dir) if case.label is not None}
     matched = [(case, preds[name]) for name, case in cases.items() if name in preds]
     unmatched_preds = sorted(set(preds) - set(cases))
@@ -233,7 +225,7 @@ def evaluate_predictions(
         log.warning("labelled case %s has no prediction in %s: not scored", log_text(name), log_text(pred_dir))
 
     fig_dir = output / "figures"
-    results: list[CaseResult] = []
+    results: list[CaseEvaluation] = []
     figure_paths: dict[str, list[Path]] = {"slice_dice": [], "gallery": []}
     for case, pred_path in matched:
         name = case.name
@@ -288,7 +280,7 @@ def evaluate_predictions(
     return summary
 
 
-def _slice_summary(results: list[CaseResult]) -> dict:
+def _slice_summary(results: list[CaseEvaluation]) -> dict:
     """Per-slice Dice summary over the counted slices, with how many slices were left out and why."""
     out = summarize(({"dice": float(d)} for r in results for d in r.dice[r.counted]), ["dice"])["dice"]
     out["false_positive_only"] = int(sum(((r.truth_pixels == 0) & r.counted).sum() for r in results))
@@ -296,10 +288,10 @@ def _slice_summary(results: list[CaseResult]) -> dict:
     return out
 
 
-def _grouped(results: list[CaseResult], metric_keys: list[str], split: Path | None) -> dict:
+def _grouped(results: list[CaseEvaluation], metric_keys: list[str], split: Path | None) -> dict:
     """Summary entries per group (train, val, test, unseen; or one pooled `all` without a split)
     and the held-out summary, which averages only the groups that influenced nothing."""
-    def block(members: list[CaseResult]) -> dict:
+    def block(members: list[CaseEvaluation]) -> dict:
         return {"cases": [r.name for r in members],
                 "metrics": summarize((r.metrics for r in members), metric_keys),
                 "slice_dice": _slice_summary(members)}
@@ -380,7 +372,7 @@ def _group_lines(summary: dict) -> list[str]:
     return lines
 
 
-def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
+def _report(summary: dict, results: list[CaseEvaluation], metric_keys: list[str],
             figure_paths: dict[str, list[Path]], histogram: Path, output: Path,
             pred_dir: Path, truth_dir: Path) -> str:
     rel = lambda p: Path(p).relative_to(output).as_posix()  # noqa: E731

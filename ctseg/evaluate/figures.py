@@ -1,4 +1,9 @@
-"""PNG figures for evaluation and training reports.
+"""PNG figures for evaluation and training reports, and which slices they show.
+
+The one place CT slices are drawn with truth and prediction (`slice_gallery`) and the one rule
+for picking the best, median and worst slice (`best_median_worst`): training's QC images and
+`ctseg evaluate`'s gallery share both. The CT is always shown in the lung window `LUNG_WINDOW`
+(a display choice, independent of the `data.window` the network reads).
 
 Uses matplotlib's object API (`Figure`, Agg canvas) rather than pyplot: no global figure state,
 no display needed, safe inside servers and tests.
@@ -26,6 +31,14 @@ def _save(fig: Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
+
+
+def best_median_worst(dice: np.ndarray, candidates: np.ndarray) -> list[tuple[str, int]]:
+    """The best, median and worst of `dice[candidates]`, as (kind, index); ties keep index order."""
+    if candidates.size == 0:
+        return []
+    order = candidates[np.argsort(dice[candidates], kind="stable")]
+    return [("best", int(order[-1])), ("median", int(order[len(order) // 2])), ("worst", int(order[0]))]
 
 
 def slice_dice_plot(

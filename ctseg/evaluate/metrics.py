@@ -1,7 +1,8 @@
 """Segmentation metrics in physical units, computed with MONAI's metric functions.
 
-One implementation serves the training loop (every epoch, `distances=False`) and `ctseg evaluate`
-(full set), so the Dice a user sees during training is the Dice the report shows.
+One implementation serves the training loop (every epoch, `distances=False`), `ctseg compare`
+(both through `prediction_scores`) and `ctseg evaluate` (full set), so the Dice a user sees during
+training is the Dice the report shows.
 
 Conventions
 - `pred` and `truth` are integer label volumes (z, y, x) of identical shape; `spacing` is (z, y, x)
@@ -186,3 +187,18 @@ def slice_dice(
         dice = np.where(truth_empty, judged_empty.astype(np.float64), dice)
         scores.append(dice)
     return np.mean(scores, axis=0)
+
+
+def prediction_scores(labels: np.ndarray, raw: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+                      num_classes: int = 2, distances: bool = False) -> dict:
+    """What training validation and `ctseg compare` report for one predicted volume.
+
+    `segmentation_metrics` of the post-processed `labels`, their mean `slice_dice`, and `raw_dice`:
+    the Dice of the network's own output `raw` before post-processing (the same when `labels` is
+    `raw`, i.e. no post-processing ran).
+    """
+    scores = segmentation_metrics(labels, truth, spacing, num_classes=num_classes, distances=distances)
+    scores["slice_dice"] = float(np.mean(slice_dice(labels, truth, num_classes=num_classes)))
+    scores["raw_dice"] = scores["dice"] if labels is raw else segmentation_metrics(
+        raw, truth, spacing, num_classes=num_classes, distances=False)["dice"]
+    return scores

@@ -1,4 +1,6 @@
-"""Inference: one model loader, the slice-wise predictor, post-processing, bundle export.
+"""Inference: the one model loader (`model_loader`), one volume's slice-wise inference (`volume`),
+post-processing (`postprocess`), the per-case `ctseg predict` driver (`cases`) and the MONAI
+bundle export (`export`, `bundle_transforms`).
 
 `Segmenter` is the Python API (load a model once, segment many volumes in memory).
 """

@@ -32,11 +32,10 @@ from monai.data import MetaTensor
 
 from ctseg.data.cases import Case, discover_cases
 from ctseg.errors import CTSegError, DicomError
-from ctseg.io import CTVolume, load_mask, load_nifti, load_series, save_nifti
+from ctseg.io import load_image, load_mask, save_nifti
+from ctseg.io.nifti import nifti_stem
 
 log = logging.getLogger(__name__)
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[str, str]]:
@@ -46,7 +45,7 @@ def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[
     """
     path = Path(dataset_dir).resolve()
     if path.is_file():
-        stem = _nifti_stem(path)
+        stem = nifti_stem(path)
         if stem is None:
             raise DicomError(f"{path}: a file input must be NIfTI (.nii or .nii.gz); give a DICOM "
                              "series as its folder")
@@ -64,18 +63,6 @@ def case_datalist(dataset_dir: str | Path, labelled: bool = False) -> list[dict[
     return data
 
 
-def _nifti_stem(path: Path) -> str | None:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
-def load_volume(image: str | Path) -> CTVolume:
-    """A case image as a CT volume: NIfTI files through load_nifti, anything else as DICOM."""
-    return load_nifti(image) if _nifti_stem(Path(image)) is not None else load_series(image)
-
-
 def _channel_first(array_zyx: np.ndarray, affine: np.ndarray, source: Path) -> MetaTensor:
     """(z, y, x) -> MetaTensor (1, x, y, z) with the RAS affine; only geometry in the metadata."""
     affine_t = torch.as_tensor(affine, dtype=torch.float64)
@@ -87,7 +74,7 @@ def _channel_first(array_zyx: np.ndarray, affine: np.ndarray, source: Path) -> M
 
 
 class LoadCTSeriesd(mt.MapTransform):
-    """Load a case's CT (DICOM series folder or NIfTI) and optionally its mask as (1, x, y, z).
+    """Load a case's CT (any input `ctseg.io.load_image` reads) and optionally its mask as (1, x, y, z).
 
     The CT is float32 HU, the mask uint8 on the CT's grid (seed `.npz` or NIfTI), both with the
     CT's RAS affine. No DICOM header field that could identify a patient enters the metadata.
@@ -102,7 +89,7 @@ class LoadCTSeriesd(mt.MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             source = Path(d[key])
-            volume = load_volume(source)
+            volume = load_image(source)  # as `ctseg predict` reads it
             d[key] = _channel_first(volume.array, volume.affine, source)
             if self.label_key is not None:
                 mask_path = Path(d[self.label_key])

@@ -51,11 +51,14 @@ import torch
 import yaml
 
 from ctseg.config import get
+from ctseg.data import discover_cases
 from ctseg.errors import ConfigError, CTSegError, ModelError
+from ctseg.evaluate.evaluate import evaluate_case
 from ctseg.evaluate.groups import HELD_OUT_GROUPS, UNSEEN
+from ctseg.infer.cases import predict_cases
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_settings, postprocess_steps
-from ctseg.infer.predictor import AUTO_BATCH, num_classes
+from ctseg.infer.volume import AUTO_BATCH, num_classes
 from ctseg.transforms import hu_window, training_size
 from ctseg.utils import atomic_write_text
 
@@ -504,10 +507,6 @@ def _rewrite_imports(source: str, module: str) -> str:
 # --------------------------------------------------------------------------- evaluation + card
 def evaluate_model(loaded: LoadedModel, case_dir: Path, split: dict | None) -> list[dict]:
     """Per-case metrics of the exported model on the labelled cases of `case_dir`."""
-    from ctseg.data import discover_cases
-    from ctseg.evaluate.evaluate import evaluate_case
-    from ctseg.infer.predict import predict_cases
-
     groups = {name: group for group in ("train", "val", "test") for name in (split or {}).get(group, [])}
     cases = {c.name: c for c in discover_cases(case_dir) if c.label is not None}
     if not cases:

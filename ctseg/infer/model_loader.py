@@ -1,9 +1,13 @@
 """One loader for every form a trained model travels in: run folder, checkpoint file, MONAI bundle.
 
 - RUN_DIR (has `checkpoints/`): its `checkpoints/best.pt`;
-- CHECKPOINT: a file in the training checkpoint format (`ctseg.train.checkpoint`);
+- CHECKPOINT: a file in the training checkpoint format (written by `ctseg.train.checkpoint`);
 - BUNDLE_DIR (has `configs/inference.yaml`): the network described by the bundle's `network_def`
   and the ctseg config it carries (`ctseg_config`), weights from `models/model.pt`.
+
+It also owns what training and inference share about a model: the registry arguments a config
+describes (`network_spec`), building them (`build_model`), the checkpoint file names and reading a
+checkpoint dict (`load_checkpoint`); training imports these from here (imports go down).
 
 Weights are always read with `torch.load(weights_only=True)`, so a model file cannot run code.
 A bundle config is read as plain YAML: its network must be ctseg's registry
@@ -24,7 +28,8 @@ import torch
 from ctseg.config import read_yaml_file, resolve_config
 from ctseg.data.dataset import context_slices
 from ctseg.errors import ConfigError, ModelError
-from ctseg.infer.predictor import output_channels
+from ctseg.infer.volume import output_channels
+from ctseg.networks import build_network
 from ctseg.utils import pick_device
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,9 @@ BUNDLE_REGISTRY_TARGET = "scripts.networks.build_network"
 BUNDLE_CONFIG = Path("configs") / "inference.yaml"
 BUNDLE_WEIGHTS = Path("models") / "model.pt"
 _SPEC_KEYS = ("name", "in_channels", "out_channels", "features", "kwargs", "variant")
+#: A run's `checkpoints/` files: training writes them, `load_model` reads BEST.
+BEST = "best.pt"
+LAST = "last.pt"
 
 
 @dataclass
@@ -62,8 +70,6 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if path.is_dir() and not (path / "checkpoints").is_dir():
         raise ModelError(f"{path}: neither a run folder (no checkpoints/) nor a MONAI bundle "
                          f"(no {BUNDLE_CONFIG})")
-    from ctseg.train.checkpoint import BEST, load_checkpoint, resolve_checkpoint
-
     checkpoint = resolve_checkpoint(path, BEST)
     state = load_checkpoint(checkpoint, map_location="cpu")
     config, spec = state.get("config"), state["network"]
@@ -71,10 +77,51 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         raise ModelError(f"{checkpoint}: the checkpoint holds no config")
     config = resolve_config(config, f"{checkpoint}: config")  # same schema as training: types, ranges
     check_network(spec, config, checkpoint)
-    model = build_registry_model(spec, checkpoint)
+    model = build_model(spec, checkpoint)
     load_weights(model, state["model"], checkpoint)
     return LoadedModel(model.to(device).eval(), config, spec, checkpoint,
                        "run" if path.is_dir() else "checkpoint")
+
+
+def network_spec(config: dict) -> dict:
+    """The registry arguments that rebuild the model described by `config`.
+
+    `variant` is written only when it is not "default": a spec without it means the default, so
+    default runs keep the spec of runs made before variants existed (resume compares specs).
+    """
+    model = resolve_config(config)["model"]  # plain lists and dicts, as saved in checkpoints
+    spec = {
+        "name": model["name"],
+        "in_channels": context_slices(config),
+        "out_channels": output_channels(config),
+        "features": model["features"],
+        "kwargs": model["kwargs"],
+    }
+    return spec | ({"variant": model["variant"]} if model["variant"] != "default" else {})
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with `weights_only=True`; anything else is refused as a ModelError."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: no such checkpoint") from exc
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise ModelError(f"{path}: not a loadable ctseg checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or "model" not in state or "network" not in state:
+        raise ModelError(f"{path}: not a ctseg checkpoint (no 'model'/'network' entries)")
+    return state
+
+
+def resolve_checkpoint(path: str | Path, which: str = BEST) -> Path:
+    """A run folder means its `checkpoints/<which>`; a file is taken as is."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / which
+    if not path.is_file():
+        raise ModelError(f"{path}: no such checkpoint")
+    return path
 
 
 def check_network(spec: dict, config: dict, source: Path) -> None:
@@ -91,15 +138,20 @@ def check_network(spec: dict, config: dict, source: Path) -> None:
                          f"config's data.num_classes needs {wanted_out}")
 
 
-def build_registry_model(spec: dict, source: Path) -> torch.nn.Module:
-    from ctseg.networks import build_network
+def build_model(spec: dict, source: Path | None = None) -> torch.nn.Module:
+    """An untrained network from registry arguments (`network_spec`).
 
+    With a `source` (a model file), a spec that cannot be built is that file's ModelError; without
+    one (training, whose config was already checked) the registry's own error passes through.
+    """
     try:
         return build_network(spec["name"], int(spec["in_channels"]), int(spec["out_channels"]),
                              features=spec.get("features"),
                              variant=spec.get("variant", "default"),  # older runs: no key
                              **(spec.get("kwargs") or {}))
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        if source is None:
+            raise
         raise ModelError(f"{source}: cannot build network {spec.get('name')!r} ({exc})") from exc
 
 
@@ -150,7 +202,7 @@ def _load_bundle(bundle: Path, device: torch.device, trust: bool) -> LoadedModel
         config = resolve_config(raw["ctseg_config"], f"{config_path}: ctseg_config")
         spec = _registry_spec(raw.get("network_def"), config_path)
         check_network(spec, config, config_path)
-        model = build_registry_model(spec, config_path)
+        model = build_model(spec, config_path)
     load_weights(model, state, weights)
     return LoadedModel(model.to(device).eval(), config, spec, bundle, "bundle")
 

@@ -27,7 +27,7 @@ from ctseg.errors import ConfigError
 from ctseg.infer.lungs import split_lungs
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predictor import num_classes, predict_volume
+from ctseg.infer.volume import num_classes, predict_volume
 from ctseg.io.volume import CTVolume
 
 

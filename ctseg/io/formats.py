@@ -17,11 +17,10 @@ from ctseg.io.dicom import list_files, load_series
 from ctseg.io.dicom_headers import open_regular
 from ctseg.io.memory import check_memory
 from ctseg.io.multiframe import is_multiframe, load_multiframe
-from ctseg.io.nifti import load_nifti
+from ctseg.io.nifti import NIFTI_SUFFIXES, load_nifti
 from ctseg.io.redact import show_path
 from ctseg.io.volume import CTVolume
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 #: File names taken as one case's image; any other file is read as DICOM.
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES

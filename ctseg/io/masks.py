@@ -10,6 +10,7 @@ import numpy as np
 from nibabel import orientations
 
 from ctseg.errors import MaskError
+from ctseg.io.nifti import NIFTI_SUFFIXES
 from ctseg.io.redact import show_path
 from ctseg.io.volume import CTVolume
 
@@ -32,7 +33,7 @@ def load_mask(path: str | Path, volume: CTVolume) -> np.ndarray:
         raise MaskError(f"{show_path(path)}: mask file not found")
     if path.suffix == ".npz":
         mask = _load_npz(path, volume.shape)
-    elif path.name.endswith((".nii", ".nii.gz")):
+    elif path.name.endswith(NIFTI_SUFFIXES):
         mask = _load_nifti_mask(path, volume)
     else:
         raise MaskError(f"{show_path(path)}: unknown mask format (expected .npz or .nii/.nii.gz)")

@@ -16,6 +16,16 @@ from ctseg.errors import CTSegError, MaskError
 from ctseg.io.volume import CTVolume
 from ctseg.utils import atomic_path
 
+#: The file names read and written as NIfTI (the one definition: inputs, masks, predictions).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def nifti_stem(path: str | Path) -> str | None:
+    """The case name of a NIfTI file (`case.nii.gz` -> `case`), or None for other files."""
+    name = Path(path).name
+    suffix = next((s for s in NIFTI_SUFFIXES if name.endswith(s)), None)
+    return name[: -len(suffix)] if suffix else None
+
 _INT16 = np.iinfo(np.int16)
 
 

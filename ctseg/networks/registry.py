@@ -41,24 +41,27 @@ class Build:
 
 
 @dataclass(frozen=True)
-class NetworkSpec:
+class RegistryEntry:
+    """One registry name: its study version, description and how each variant builds it (the
+    arguments that rebuild a trained model are `ctseg.infer.model_loader.network_spec`)."""
+
     study_version: str
     description: str
     default: Build
     thesis: Build
 
 
-NETWORKS: dict[str, NetworkSpec] = {
-    "unet": NetworkSpec("ver1/ver2", "U-Net with DoubleConv stages", Build(), Build()),
-    "unet_spconv": NetworkSpec(
+NETWORKS: dict[str, RegistryEntry] = {
+    "unet": RegistryEntry("ver1/ver2", "U-Net with DoubleConv stages", Build(), Build()),
+    "unet_spconv": RegistryEntry(
         "ver3", "U-Net whose 3x3 convs are SPConv",
         Build({"conv": "spconv"}, {"alpha": float}),
         Build({"conv": "spconv", "lift": True}, {"alpha": float})),
-    "unet_ra": NetworkSpec(
+    "unet_ra": RegistryEntry(
         "ver4", "U-Net with residual-attention skips",
         Build({"attention": "learned"}, {"attention_ratio": float}),
         Build({"attention": "parameter_free"})),
-    "unet_mcnet": NetworkSpec(
+    "unet_mcnet": RegistryEntry(
         "ver5", "ConvModule (CIE, DoubleConv, MFE) stages + RA skips",
         Build({"encoder_block": "conv_module", "bottleneck_block": "conv_module",
                "attention": "learned"}, {"attention_ratio": float}),

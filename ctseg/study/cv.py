@@ -38,18 +38,18 @@ from matplotlib.figure import Figure
 
 from ctseg.config import get, resolve_config, save_config
 from ctseg.data import discover_cases
+from ctseg.data.cache import load_case_volume
 from ctseg.data.cases import Case
+from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import make_split
 from ctseg.errors import ConfigError, MaskError
 from ctseg.evaluate.evaluate import evaluate_case, summarize
-from ctseg.infer.model_loader import load_model
+from ctseg.infer.cases import output_path
+from ctseg.infer.model_loader import LAST, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predict import load_volume, output_path
-from ctseg.infer.predictor import predict_volume
+from ctseg.infer.volume import predict_volume
 from ctseg.io import save_nifti
 from ctseg.train import train
-from ctseg.train.checkpoint import LAST
-from ctseg.train.loop import ensure_phantom
 from ctseg.train.tracking import TRACKING_FILE, Tracker, tracking_uri
 from ctseg.transforms import num_classes
 from ctseg.utils import atomic_path, atomic_write_text, pick_device
@@ -226,7 +226,7 @@ def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Pa
     dev = next(loaded.model.parameters()).device
     rows = []
     for case in cases:
-        volume = load_volume(case.image)
+        volume = load_case_volume(case)
         labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev)
         path = output_path(pred_dir, case.name)
         save_nifti(postprocess_labels(labels, steps), volume.affine, path, kind="label")

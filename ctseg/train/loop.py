@@ -30,7 +30,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,20 +43,22 @@ from tqdm import tqdm
 
 from ctseg import distributed
 from ctseg.config import Config, check_resume, config_view, resolve_config, save_config
+from ctseg.data import discover_cases
 from ctseg.data.cache import CachedCase, cache_cases, default_cache_dir
 from ctseg.data.dataset import ForegroundRatioSampler, SliceDataset, context_slices
+from ctseg.data.phantom import ensure_phantom
 from ctseg.data.split import check_split, make_split, save_split
-from ctseg.errors import ConfigError, CTSegError, MaskError
-from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.errors import CTSegError, ConfigError, MaskError
+from ctseg.evaluate.metrics import prediction_scores
+from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-from ctseg.infer.predictor import predict_volume
-from ctseg.train.checkpoint import (BEST, LAST, build_model, load_checkpoint, network_spec, rng_state,
-                                    save_checkpoint, set_rng_state)
+from ctseg.infer.volume import predict_volume
+from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
 from ctseg.train.schedule import BudgetCosine, WarmEMA, budget_progress
 from ctseg.train.tracking import Tracker
-from ctseg.transforms import hu_window, num_classes, train_transforms
+from ctseg.transforms import num_classes, train_transforms
 from ctseg.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,6 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
 
 
 def _load_cases(config: dict) -> list:
-    from ctseg.data import discover_cases
-
     case_dir = config_view(config).data.case_dir
     if case_dir is None:
         case_dir = ensure_phantom(config)
@@ -182,28 +181,6 @@ def _load_cases(config: dict) -> list:
     if unlabeled:
         raise MaskError(f"{case_dir}: case(s) {unlabeled} have no mask; training needs one per case")
     return cases
-
-
-def ensure_phantom(config: dict) -> Path:
-    """The built-in phantom dataset, written once into `<cache>/phantom/<settings>` and reused."""
-    from ctseg.data.phantom import write_phantom_dataset
-
-    cfg = config_view(config)
-    p = cfg.phantom
-    root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
-    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}"
-    if (final / ".complete").is_file():
-        return final
-    logger.info("writing the phantom dataset to %s (once; reused by later runs)", final)
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
-                                         cols=p.cols, slices=p.slices))
-    (written / ".complete").write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    written.rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _check_labels(cases: list[CachedCase], config: dict) -> None:
@@ -473,14 +450,10 @@ class _Trainer:
             raw, _ = predict_volume(self.eval_model, case.hu, self.config, self.device)
             pred = postprocess_labels(raw, self.postprocess)
             truth = np.asarray(case.label)
-            m = segmentation_metrics(pred, truth, case.spacing, num_classes=self.num_classes,
-                                     distances=distances)
-            m["slice_dice"] = float(np.mean(slice_dice(pred, truth, num_classes=self.num_classes)))
-            m["raw_dice"] = m["dice"] if pred is raw else segmentation_metrics(
-                raw, truth, case.spacing, num_classes=self.num_classes, distances=False)["dice"]
-            per_case[case.name] = m
+            per_case[case.name] = prediction_scores(pred, raw, truth, case.spacing, self.num_classes,
+                                                    distances)
             if keep:
-                kept.append(QCCase(case.name, np.asarray(case.hu), truth, pred))
+                kept.append(QCCase(case.name, np.asarray(case.hu), truth, pred, tuple(case.spacing[1:])))
         if sharded:
             per_case = distributed.gather_dict(per_case)
         per_case = {c.name: per_case[c.name] for c in self.val_cases}  # one order on every rank
@@ -533,7 +506,7 @@ class _Trainer:
         if best_path.is_file():
             self.eval_model.load_state_dict(load_checkpoint(best_path, map_location=self.device)["model"])
         val = self._validate(distances=True, keep=True, sharded=False)  # rank 0 only
-        qc_paths = write_qc_images(val["qc"], hu_window(self.config), self.run_dir / "qc", self.num_classes)
+        qc_paths = write_qc_images(val["qc"], self.run_dir / "qc", self.num_classes)
         summary = {f"best_val_{k}": v for k, v in val.items()
                    if k in ("iou", "precision", "recall", "slice_dice", "hd95_mm", "assd_mm", "nsd", "raw_dice")}
         metrics = self._write_metrics({**summary, "val_per_case": val["cases"]})

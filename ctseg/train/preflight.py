@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ctseg.errors import ConfigError
-from ctseg.train.checkpoint import build_model
+from ctseg.infer.model_loader import build_model
 
 #: Room for QC images, history, metrics and config beside the checkpoints.
 _MARGIN_BYTES = 20 * 2**20

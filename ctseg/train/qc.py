@@ -1,8 +1,9 @@
-"""QC images: the best, median and worst validation slices with truth and prediction overlaid.
+"""QC images of a training run: the best, median and worst validation slices, truth and prediction.
 
 A mean Dice hides where a model fails; three slices ranked by per-slice Dice show it at a glance.
 Only slices where truth or prediction has foreground are ranked (empty-empty slices are trivially
-perfect and say nothing). Rendered with matplotlib's Agg canvas directly (no pyplot global state).
+perfect and say nothing). The picking rule and the drawing are `ctseg.evaluate.figures`', shared
+with `ctseg evaluate`'s gallery (lung window, truth green, prediction red).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from ctseg.evaluate import figures
 from ctseg.evaluate.metrics import slice_dice
-from ctseg.utils import atomic_path
 
 
 @dataclass
@@ -24,52 +23,32 @@ class QCCase:
     hu: np.ndarray     # (z, y, x) HU at original resolution
     truth: np.ndarray  # (z, y, x) labels
     pred: np.ndarray   # (z, y, x) labels
+    pixel_spacing_yx: tuple[float, float]  # mm, for the aspect ratio
 
 
 def rank_slices(cases: list[QCCase], num_classes: int = 2) -> dict[str, tuple[int, int, float]]:
     """{"best"|"median"|"worst": (case index, slice, Dice)} over slices with any foreground."""
-    scored: list[tuple[float, int, int]] = []
+    dice, where, active = [], [], []
     for c, case in enumerate(cases):
-        dice = slice_dice(case.pred, case.truth, empty_threshold=0, num_classes=num_classes)
-        active = (case.truth.reshape(len(dice), -1).max(axis=1) > 0) | \
-                 (case.pred.reshape(len(dice), -1).max(axis=1) > 0)
-        scored += [(float(dice[z]), c, int(z)) for z in np.flatnonzero(active)]
-    if not scored:
+        scores = slice_dice(case.pred, case.truth, empty_threshold=0, num_classes=num_classes)
+        dice.append(scores)
+        where += [(c, z) for z in range(len(scores))]
+        active.append((case.truth.reshape(len(scores), -1).max(axis=1) > 0)
+                      | (case.pred.reshape(len(scores), -1).max(axis=1) > 0))
+    if not cases:
         return {}
-    scored.sort()
-    picks = {"worst": scored[0], "median": scored[len(scored) // 2], "best": scored[-1]}
-    return {k: (c, z, d) for k, (d, c, z) in picks.items()}
+    flat = np.concatenate(dice)
+    picks = figures.best_median_worst(flat, np.flatnonzero(np.concatenate(active)))
+    return {kind: (*where[i], float(flat[i])) for kind, i in picks}
 
 
-def write_qc_images(cases: list[QCCase], window: tuple[float, float], out_dir: Path,
-                    num_classes: int = 2) -> list[Path]:
+def write_qc_images(cases: list[QCCase], out_dir: Path, num_classes: int = 2) -> list[Path]:
     """Write `qc/{best,median,worst}.png`; returns the paths written."""
     out_dir = Path(out_dir)
     written = []
     for kind, (c, z, dice) in rank_slices(cases, num_classes).items():
         case = cases[c]
-        path = out_dir / f"{kind}.png"
-        _render(case.hu[z], case.truth[z], case.pred[z], window,
-                f"{kind}: {case.name} slice {z}  Dice {dice:.3f}", path, num_classes)
-        written.append(path)
+        panel = (f"{kind}: {case.name} slice {z}  Dice {dice:.3f}", np.asarray(case.hu[z], dtype=np.float32),
+                 np.asarray(case.truth[z]) > 0, np.asarray(case.pred[z]) > 0)
+        written.append(figures.slice_gallery(case.name, [panel], case.pixel_spacing_yx, out_dir / f"{kind}.png"))
     return written
-
-
-def _render(hu: np.ndarray, truth: np.ndarray, pred: np.ndarray, window: tuple[float, float],
-            title: str, path: Path, num_classes: int) -> None:
-    fig = Figure(figsize=(5, 5.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 0.92))
-    ax.imshow(np.asarray(hu, dtype=np.float32), cmap="gray", vmin=window[0], vmax=window[1],
-              interpolation="nearest")
-    ax.imshow(np.ma.masked_equal(np.asarray(pred), 0), cmap="autumn", alpha=0.3,
-              vmin=1, vmax=max(num_classes - 1, 1), interpolation="nearest")
-    for cls in range(1, num_classes):
-        for mask, colour in ((truth, "lime"), (pred, "red")):
-            m = np.asarray(mask) == cls
-            if m.any() and not m.all():
-                ax.contour(m.astype(np.uint8), levels=[0.5], colors=colour, linewidths=0.8)
-    ax.set_axis_off()
-    fig.suptitle(f"{title}\ntruth: green contour   prediction: red", fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")

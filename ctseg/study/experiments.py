@@ -41,7 +41,17 @@ import torch
 import yaml
 
 from ctseg.config import apply_overrides, get, load_config, read_yaml_file
+from ctseg.data import discover_cases
+from ctseg.data.cache import cache_case, load_case_volume
+from ctseg.data.phantom import ensure_phantom
+from ctseg.data.split import make_split
 from ctseg.errors import ConfigError
+from ctseg.evaluate import figures
+from ctseg.evaluate.report import read_run
+from ctseg.io import load_mask, save_nifti
+from ctseg.infer.model_loader import load_model
+from ctseg.study.compare import mean_metrics, measure_cases, run_case_dir, run_facts, validation_cases
+from ctseg.train import train
 from ctseg.utils import atomic_write_text, pick_device
 
 log = logging.getLogger(__name__)
@@ -151,8 +161,6 @@ def plan_runs(spec: dict, root: Path) -> list[PlannedRun]:
 # --------------------------------------------------------------------------- training-set sizes
 
 def _base_split(cases: list, config: dict) -> dict:
-    from ctseg.data.split import make_split
-
     split = make_split([c.name for c in cases], get(config, "split") or {})
     if not split["val"]:
         raise ConfigError("train_size sweeps need validation cases (split.val or split.val_fraction)")
@@ -167,9 +175,6 @@ def write_slice_subsets(cases: list, split: dict, counts: list[int], folder: Pat
     Stacking slices of several cases into one volume is only valid for 2D training (the
     runner refuses `data.context` > 1 for these runs).
     """
-    from ctseg.data.cache import load_case_volume
-    from ctseg.io import load_mask, save_nifti
-
     by_name = {c.name: c for c in cases}
     for name in split["val"]:
         target = folder / name
@@ -202,9 +207,6 @@ def write_slice_subsets(cases: list, split: dict, counts: list[int], folder: Pat
 
 def _prepare_sweeps(planned: list[PlannedRun], case_dir: Path | None, output: Path) -> dict[str, Path | None]:
     """Fix each sweep run's split (and case folder); returns run name -> case folder to train on."""
-    from ctseg.data import discover_cases
-    from ctseg.train.loop import ensure_phantom
-
     folders: dict[str, Path | None] = {p.name: case_dir for p in planned}
     sweeps = [p for p in planned if p.group in SWEEP_PARAMS]
     if not sweeps:
@@ -261,11 +263,6 @@ def run_experiment(
     the report to `doc_dir` (default `docs/experiments/` of the repository; the run folder for the
     `smoke` size, so a smoke run never replaces measured results).
     """
-    from ctseg.evaluate.compare import (load_run, mean_metrics, measure_cases, run_case_dir, run_facts,
-                                        validation_cases)
-    from ctseg.evaluate.report import read_run
-    from ctseg.train import train
-
     path = find_pipeline(name, search)
     root = repo_root_of(path)
     spec = load_pipeline(path, size)
@@ -290,7 +287,7 @@ def run_experiment(
     for i, p in enumerate(planned, 1):
         log.info("experiment %s [%s]: run %d/%d %s (%s)", name, size, i, len(planned), p.name, p.label)
         run_dir = train(p.config, folders[p.name], output / p.name, device=device)
-        run = load_run(run_dir, dev)
+        run = load_model(run_dir, dev)
         load = os.getloadavg()[0]  # timings on a shared machine mean little without it
         facts = run_facts(run_dir, run, dev, repeats=int(spec.get("timing_repeats", 10)))
         _, metrics = read_run(run_dir)
@@ -323,9 +320,6 @@ def run_experiment(
 
 def _slice_count(case_dir: Path, names: list[str], config: dict) -> int:
     """Slices in the named cases, from the preprocessing cache that training filled."""
-    from ctseg.data import discover_cases
-    from ctseg.data.cache import cache_case
-
     return sum(cache_case(c, config, get(config, "data.cache_dir")).shape[0]
                for c in discover_cases(case_dir) if c.name in names)
 
@@ -343,8 +337,6 @@ def _csv(rows: list[dict]) -> str:
 def write_doc(spec: dict, rows: list[dict], doc_dir: Path, pipeline: Path, root: Path,
               device: torch.device) -> Path:
     """`<doc_dir>/<name>.md` with the table and `<name>*.png` plots (one per run group)."""
-    from ctseg.evaluate import figures
-
     name = spec["name"]
     doc_dir = Path(doc_dir)
     conditions = list(dict.fromkeys(r["condition"] for r in rows))

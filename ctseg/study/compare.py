@@ -16,7 +16,6 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,9 +23,17 @@ import numpy as np
 import torch
 
 from ctseg.config import get
+from ctseg.data import discover_cases
+from ctseg.data.cache import cache_case
+from ctseg.data.phantom import ensure_phantom
+from ctseg.data.split import load_split
 from ctseg.errors import CTSegError
-from ctseg.evaluate.metrics import segmentation_metrics, slice_dice
+from ctseg.evaluate.metrics import prediction_scores
 from ctseg.evaluate.report import read_run
+from ctseg.infer.model_loader import LoadedModel, load_model
+from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.volume import inference_batch_size, num_classes, predict_volume
+from ctseg.transforms import training_size
 from ctseg.utils import atomic_write_text, pick_device
 
 log = logging.getLogger(__name__)
@@ -36,28 +43,8 @@ COLUMNS = ("run", "network", "epochs", "dice", "accuracy", "dice_source", "val_c
            "ms_per_slice", "params", "param_mb", "checkpoint_mb")
 
 
-@dataclass
-class LoadedRun:
-    model: torch.nn.Module  # in eval mode, on the requested device
-    config: dict  # the resolved training config stored in the checkpoint
-    network: dict  # registry spec: {name, in_channels, out_channels, features, kwargs}
-    checkpoint: Path
-
-
-def load_run(run_dir: Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """A run's best checkpoint, rebuilt through the registry (`ctseg.train.checkpoint`)."""
-    from ctseg.train.checkpoint import BEST, load_model, network_spec, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(run_dir, BEST)
-    model, config = load_model(checkpoint, device)
-    return LoadedRun(model, config, network_spec(config), checkpoint)
-
-
 def validation_cases(run_dir: Path, case_dir: Path) -> list:
     """The labelled cases of `case_dir` in the run's validation set (its test set if none)."""
-    from ctseg.data import discover_cases
-    from ctseg.data.split import load_split
-
     split = load_split(Path(run_dir) / "split.json")
     names = split.get("val") or split.get("test") or []
     cases = [c for c in discover_cases(case_dir) if c.name in set(names) and c.label is not None]
@@ -67,7 +54,7 @@ def validation_cases(run_dir: Path, case_dir: Path) -> list:
 
 
 def measure_cases(
-    run: LoadedRun, cases: Sequence, device: torch.device | str, noise_hu: float = 0.0, seed: int = 0,
+    run: LoadedModel, cases: Sequence, device: torch.device | str, noise_hu: float = 0.0, seed: int = 0,
 ) -> list[dict]:
     """Volume metrics (no distances) per case, optionally with Gaussian noise of `noise_hu` HU added.
 
@@ -76,10 +63,6 @@ def measure_cases(
     Cases are read through the preprocessing cache, so evaluating many runs on the same cases
     parses each DICOM series once.
     """
-    from ctseg.data.cache import cache_case
-    from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
-    from ctseg.infer.predictor import num_classes, predict_volume
-
     rng = np.random.default_rng(seed)
     n_classes = num_classes(run.config)
     steps = postprocess_steps(run.config, n_classes)
@@ -92,24 +75,18 @@ def measure_cases(
         raw, _ = predict_volume(run.model, hu, run.config, device)
         labels = postprocess_labels(raw, steps)
         truth = np.asarray(cached.label)
-        metrics = segmentation_metrics(labels, truth, cached.spacing, num_classes=n_classes, distances=False)
-        metrics["slice_dice"] = float(np.mean(slice_dice(labels, truth, num_classes=n_classes)))
-        metrics["raw_dice"] = metrics["dice"] if labels is raw else segmentation_metrics(
-            raw, truth, cached.spacing, num_classes=n_classes, distances=False)["dice"]
+        metrics = prediction_scores(labels, raw, truth, cached.spacing, n_classes)
         rows.append({"case": case.name, "noise_hu": noise_hu, **metrics})
     return rows
 
 
-def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> float:
+def ms_per_slice(run: LoadedModel, device: torch.device, repeats: int = 10) -> float:
     """Median over `repeats` of the forward time of one batch of slices, per slice.
 
     The batch is `infer.batch_size` slices at the training size, as `ctseg predict` runs them;
     a whole batch per timing also keeps a scheduler stall on a shared CPU from dominating. On
     CUDA with the settings inference uses there (channels_last, fp16 autocast with infer.amp).
     """
-    from ctseg.infer.predictor import inference_batch_size
-    from ctseg.transforms import training_size
-
     cuda = device.type == "cuda"
     batch = inference_batch_size(run.config, device)
     x = torch.randn(batch, int(run.network["in_channels"]), *training_size(run.config), device=device)
@@ -130,7 +107,7 @@ def ms_per_slice(run: LoadedRun, device: torch.device, repeats: int = 10) -> flo
     return statistics.median(times) * 1000.0 / batch
 
 
-def run_facts(run_dir: Path, run: LoadedRun, device: torch.device, repeats: int = 10) -> dict:
+def run_facts(run_dir: Path, run: LoadedModel, device: torch.device, repeats: int = 10) -> dict:
     """Network, epochs, size and speed of a loaded run (everything but its Dice)."""
     _, metrics = read_run(run_dir)
     params = list(run.model.parameters())
@@ -140,7 +117,7 @@ def run_facts(run_dir: Path, run: LoadedRun, device: torch.device, repeats: int 
         "epochs": metrics.get("epochs"),
         "params": sum(p.numel() for p in params),
         "param_mb": sum(p.numel() * p.element_size() for p in params) / MIB,
-        "checkpoint_mb": run.checkpoint.stat().st_size / MIB,
+        "checkpoint_mb": run.source.stat().st_size / MIB,
         "ms_per_slice": ms_per_slice(run, device, repeats),
     }
 
@@ -156,7 +133,7 @@ def summarize_run(run_dir: Path, case_dir: Path | None = None, device: str | Non
     """One row of the comparison table for `run_dir`."""
     run_dir = Path(run_dir)
     dev = pick_device(device)
-    run = load_run(run_dir, dev)
+    run = load_model(run_dir, dev)  # the run's best checkpoint
     row = run_facts(run_dir, run, dev, repeats)
     case_root = run_case_dir(run.config, case_dir)
     if case_root.is_dir():
@@ -171,8 +148,6 @@ def summarize_run(run_dir: Path, case_dir: Path | None = None, device: str | Non
 
 def run_case_dir(config: dict, case_dir: Path | None = None) -> Path:
     """`case_dir` if given, else the folder the run trained on (the cached phantom for phantom runs)."""
-    from ctseg.train.loop import ensure_phantom
-
     if case_dir is not None:
         return Path(case_dir)
     recorded = get(config, "data.case_dir")

@@ -36,12 +36,13 @@ import numpy as np
 
 from ctseg import distributed
 from ctseg.config import get
+from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
 from ctseg.infer.segmenter import Segmenter, inference_config
 from ctseg.infer.statistics import label_statistics
-from ctseg.io import CTVolume, load_image, save_nifti
+from ctseg.io import load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.rtstruct import save_rtstruct
 from ctseg.io.formats import image_stem, is_image_file
@@ -50,7 +51,7 @@ from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, lo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CSV_NAME", "CaseResult", "FORMATS", "STATISTICS_NAME", "inference_config", "predict_cases"]
+__all__ = ["CSV_NAME", "CasePrediction", "FORMATS", "STATISTICS_NAME", "inference_config", "predict_cases"]
 
 CSV_NAME = "predictions.csv"
 STATISTICS_NAME = "statistics.json"
@@ -63,7 +64,10 @@ FORMATS = {"nifti": ".nii.gz", "dicom-seg": ".seg.dcm", "rtstruct": ".rtstruct.d
 
 
 @dataclass
-class CaseResult:
+class CasePrediction:
+    """How predicting one case went: its status, timing, foreground volume and output file (a row of
+    predictions.csv)."""
+
     case: str
     status: str  # "ok" or "failed"
     slices: int = 0
@@ -84,8 +88,6 @@ class CaseResult:
 
 def find_inputs(path: str | Path) -> list[Case]:
     """The cases of INPUT: an image file is one case named after the file, a folder is searched."""
-    from ctseg.data import discover_cases
-
     path = Path(path).resolve()
     if path.is_file():  # NIfTI, NRRD, MHA/MHD, or a DICOM file (multi-frame or one slice)
         if not is_image_file(path):
@@ -95,12 +97,6 @@ def find_inputs(path: str | Path) -> list[Case]:
     if not path.exists():
         raise DicomError(f"{path}: no such file or folder")
     return discover_cases(path)
-
-
-def load_volume(image: Path, series: str | None = None) -> CTVolume:
-    """A case image as a CT volume in any input format (`series` chooses among several DICOM
-    series, as `ctseg series` lists them)."""
-    return load_image(image, series)
 
 
 def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
@@ -116,11 +112,11 @@ def output_path(output_dir: Path, case: str, suffix: str = ".nii.gz") -> Path:
 
 def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, output_dir: str | Path, *,
                   tta: bool | None = None, postprocess: bool = True, probabilities: bool = False,
-                  on_result: Callable[[CaseResult], None] | None = None,
+                  on_result: Callable[[CasePrediction], None] | None = None,
                   series: str | None = None,
                   formats: tuple[str, ...] = ("nifti",), split_lungs: bool | None = None,
                   on_cases: Callable[[int], None] | None = None,
-                  on_slices: Callable[[str, int, int], None] | None = None) -> list[CaseResult]:
+                  on_slices: Callable[[str, int, int], None] | None = None) -> list[CasePrediction]:
     """Segment every case under `input_path` into `output_dir`; a failing case does not stop the rest.
 
     `loaded` is a loaded model (then `tta`, `postprocess` and `split_lungs` apply) or a ready
@@ -149,7 +145,7 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
              segmenter.device, get(segmenter.config, "infer.tta", []) or "off",
              [name for name, _ in segmenter.steps] or "off",
              ", right/left lungs" if segmenter.split_lungs else "")
-    results: list[CaseResult] = []
+    results: list[CasePrediction] = []
     mine = distributed.shard(cases)
     if on_cases is not None:
         on_cases(len(mine))
@@ -159,7 +155,7 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
         try:
             outputs = case_outputs(output_dir, case.name, probabilities, formats)
             written = list(outputs.values())
-            volume = load_volume(case.image, series)
+            volume = load_image(case.image, series)  # `series` as `ctseg series` lists them
             progress = None if on_slices is None else (lambda done, total: on_slices(case.name, done, total))
             segmentation = segmenter.segment(volume, probabilities=probabilities, on_slices=progress)
             if probabilities:
@@ -177,7 +173,7 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
                 save_rtstruct(labels, volume, outputs["rtstruct"], names=names)
             with folder_lock(output_dir):
                 record(output_dir, *written)
-            result = CaseResult(case.name, "ok", slices=int(labels.shape[0]),
+            result = CasePrediction(case.name, "ok", slices=int(labels.shape[0]),
                                 seconds=time.perf_counter() - start,
                                 foreground_ml=stats["foreground"]["volume_ml"],
                                 output=outputs["nifti"], statistics=stats)
@@ -188,7 +184,7 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
                 for stale in remove_ours(output_dir, *written):
                     log.warning("case %s failed: removed its earlier output %s", log_text(case.name),
                                 log_text(stale.name))
-            result = CaseResult(case.name, "failed", seconds=time.perf_counter() - start,
+            result = CasePrediction(case.name, "failed", seconds=time.perf_counter() - start,
                                 error=f"{type(exc).__name__}: {exc}")
         results.append(result)
         if distributed.world_size() == 1:
@@ -245,7 +241,7 @@ def save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path) -> Pat
     return path
 
 
-def write_csv(results: list[CaseResult], path: Path) -> None:
+def write_csv(results: list[CasePrediction], path: Path) -> None:
     """Merge `results` into the CSV by case (newest wins), under the folder lock, so runs into
     one folder, at once or one after another, keep each other's rows."""
     folder = path.parent
@@ -282,7 +278,7 @@ def _stat_cells(statistics: dict | None) -> dict[str, str]:
     return cells
 
 
-def write_statistics(results: list[CaseResult], path: Path) -> None:
+def write_statistics(results: list[CasePrediction], path: Path) -> None:
     """Merge the cases' statistics into the folder's `statistics.json` by case (newest wins; a
     failed case's earlier entry is dropped), under the folder lock as the CSV."""
     folder = path.parent
