@@ -41,12 +41,12 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _inputs(config: dict, slices: int) -> torch.Tensor:
-    from ctseg.infer.predict import load_volume
-    from ctseg.infer.predictor import preprocess_volume
+    from ctseg.io import load_image
+    from ctseg.infer.volume import preprocess_volume
 
     case = LCTSC / "Images" / "Case_009"
     if case.exists():
-        hu = load_volume(case).array
+        hu = load_image(case).array
     else:
         from ctseg.data.phantom import phantom_case
         hu = phantom_case(np.random.default_rng(0), rows=512, cols=512, slices=slices)[0]

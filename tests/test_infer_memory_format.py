@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctseg.infer import predictor
+from ctseg.infer import volume
 from ctseg.infer.model_loader import load_model
-from ctseg.infer.predict import load_volume
+from ctseg.io import load_image
 
 from infer_helpers import tiny_run
 
@@ -18,13 +18,13 @@ def run_dir(tmp_path_factory, phantom_dir):
 
 
 def test_channels_last_on_cpu_gives_the_nchw_masks(run_dir, phantom_dir, monkeypatch):
-    assert "cpu" in predictor.CHANNELS_LAST
+    assert "cpu" in volume.CHANNELS_LAST
     loaded = load_model(run_dir, device="cpu")
     for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
-        hu = load_volume(phantom_dir / "Images" / case).array
-        fast, _ = predictor.predict_volume(loaded.model, hu, loaded.config, "cpu", probabilities=False)
+        hu = load_image(phantom_dir / "Images" / case).array
+        fast, _ = volume.predict_volume(loaded.model, hu, loaded.config, "cpu", probabilities=False)
         with monkeypatch.context() as patch:
-            patch.setattr(predictor, "CHANNELS_LAST", ())
-            plain, _ = predictor.predict_volume(loaded.model, hu, loaded.config, "cpu", probabilities=False)
+            patch.setattr(volume, "CHANNELS_LAST", ())
+            plain, _ = volume.predict_volume(loaded.model, hu, loaded.config, "cpu", probabilities=False)
         assert np.count_nonzero(plain) > 0
         np.testing.assert_array_equal(fast, plain)

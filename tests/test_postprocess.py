@@ -82,11 +82,11 @@ def test_empty_full_and_thin_volumes_match_monai(shape):
 
 def test_phantom_prediction_matches_monai(run_dir, phantom_dir):
     from ctseg.infer.model_loader import load_model
-    from ctseg.infer.predict import load_volume
-    from ctseg.infer.predictor import predict_volume
+    from ctseg.io import load_image
+    from ctseg.infer.volume import predict_volume
 
     loaded = load_model(run_dir, device="cpu")
-    volume = load_volume(phantom_dir / "Images" / "Phantom_000")
+    volume = load_image(phantom_dir / "Images" / "Phantom_000")
     labels, _ = predict_volume(loaded.model, volume.array, loaded.config, "cpu")
     labels[labels.shape[0] // 2, :3, :3] = 1  # a speck at the border to prune
     steps = postprocess_steps(loaded.config, 2)
