@@ -3,8 +3,6 @@ terminal, right/left lungs, statistics and DICOM outputs from `ctseg predict`, a
 
 from __future__ import annotations
 
-import re
-
 import csv
 import fcntl
 import json
