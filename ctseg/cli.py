@@ -17,10 +17,13 @@ from ctseg.errors import CTSegError
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ctseg.io import load_image, save_nifti
+    from ctseg.outputs import check_writable_file
+    from ctseg.utils import log_text
 
+    check_writable_file(args.output)  # before reading the input, not after
     volume = load_image(args.dicom_dir, series=args.series)
     save_nifti(volume.array, volume.affine, args.output)
-    print(f"wrote {args.output}: {volume.shape[0]} slices, spacing (z,y,x) "
+    print(f"wrote {log_text(args.output)}: {volume.shape[0]} slices, spacing (z,y,x) "
           f"{tuple(round(s, 3) for s in volume.spacing)} mm, ordered by {volume.metadata.get('order_key')}")
     return 0
 
@@ -48,14 +51,17 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ctseg.evaluate.evaluate import evaluate_predictions
+    from ctseg.evaluate.evaluate import evaluate_predictions, format_value
 
     summary = evaluate_predictions(args.pred, args.truth, args.output, tolerance_mm=args.tolerance_mm,
                                    empty_threshold=args.empty_threshold, split=args.split,
                                    num_classes=args.num_classes)
     dice = summary["metrics"]["dice"]
-    print(f"evaluated {summary['cases']} case(s): volume Dice mean {dice['mean']:.4f} "
-          f"(min {dice['min']:.4f}), per-slice Dice mean {summary['slice_dice']['mean']:.4f}")
+    print(f"evaluated {summary['cases']} case(s): volume Dice mean {format_value(dice['mean'])} "
+          f"(min {format_value(dice['min'])}), per-slice Dice mean {format_value(summary['slice_dice']['mean'])}")
+    if summary["failed_predictions"]:
+        print(f"not scored, failed in ctseg predict: {', '.join(summary['failed_predictions'])}",
+              file=sys.stderr)
     print(f"wrote {args.output / 'report.md'}")
     return 0
 
@@ -173,17 +179,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace, device, main: bool) -> int:
     from ctseg.infer.model_loader import load_model
     from ctseg.infer.predict import CSV_NAME, predict_cases
+    from ctseg.outputs import check_writable_dir
+    from ctseg.utils import log_text
 
+    check_writable_dir(args.output)  # before loading the model, not after the cases
     loaded = load_model(args.model, device=device, trust_bundle=args.trust_bundle)
     if main:
         print(f"model: {loaded.kind} {loaded.source} on {next(loaded.model.parameters()).device}")
 
     def report(r) -> None:
         if r.ok:
-            print(f"{r.case}: {r.slices} slices in {r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s), "
-                  f"foreground {r.foreground_ml:.1f} mL -> {r.output}")
+            print(f"{log_text(r.case)}: {r.slices} slices in {r.seconds:.1f} s ({r.slices_per_second:.1f} slices/s), "
+                  f"foreground {r.foreground_ml:.1f} mL -> {log_text(r.output)}")
         else:
-            print(f"{r.case}: FAILED: {r.error}", file=sys.stderr)
+            print(f"{log_text(r.case)}: FAILED: {log_text(r.error)}", file=sys.stderr)
 
     results = predict_cases(loaded, args.input, args.output, tta=args.tta,
                             postprocess=args.postprocess, probabilities=args.probabilities,
@@ -192,7 +201,7 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
     if main:
         print(f"{len(results) - len(failed)}/{len(results)} case(s) written; wrote {args.output / CSV_NAME}")
         if failed:
-            print(f"ctseg predict: {len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
+            print(f"ctseg predict: {len(failed)} case(s) failed: {log_text(', '.join(failed))}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -64,9 +64,9 @@ def test_hd95_ignores_a_single_outlier_but_assd_does_not():
 
 def test_empty_masks():
     empty = np.zeros((4, 6, 6), np.uint8)
-    both = segmentation_metrics(empty, empty, (3.0, 1.0, 1.0))
-    assert both == {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "accuracy": 1.0,
-                    "truth_ml": 0.0, "pred_ml": 0.0, "hd95_mm": 0.0, "assd_mm": 0.0, "nsd": 1.0}
+    both = segmentation_metrics(empty, empty, (3.0, 1.0, 1.0))  # a class nobody drew: not scored
+    assert {k: v for k, v in both.items() if not math.isnan(v)} == {"accuracy": 1.0, "truth_ml": 0.0, "pred_ml": 0.0}
+    assert all(math.isnan(both[k]) for k in ("dice", "iou", "precision", "recall", "hd95_mm", "assd_mm", "nsd"))
 
     truth = empty.copy()
     truth[1, 2:4, 2:4] = 1
@@ -91,6 +91,23 @@ def test_multiclass_keys_and_means():
     assert m["dice"] == pytest.approx((0.75 + 0.5) / 2)
     assert m["accuracy"] == pytest.approx(np.mean(pred == truth))
     assert m["truth_ml"] == pytest.approx((48 + 12) * 3.0 / 1000)
+
+
+def test_classes_absent_from_both_masks_are_left_out_of_the_means():
+    # issue 17 D3: truth {0, 5} vs prediction {0, 1}, no overlap, used to report Dice 0.6
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[1:3, 1:4, 1:4] = 5
+    pred = np.zeros_like(truth)
+    pred[1:3, 5:8, 5:8] = 1
+    m = segmentation_metrics(pred, truth, (2.0, 1.0, 1.0), num_classes=6)
+    assert m["dice_1"] == 0.0 and m["dice_5"] == 0.0 and m["dice"] == 0.0
+    assert all(math.isnan(m[f"{k}_{c}"]) for k in ("dice", "iou", "nsd", "hd95_mm") for c in (2, 3, 4))
+    assert math.isinf(m["hd95_mm"]) and m["nsd"] == 0.0
+    truth[1:3, 5:8, 5:8] = 1  # class 1 now right: the mean is over classes 1 and 5 only
+    m = segmentation_metrics(pred, truth, (2.0, 1.0, 1.0), num_classes=6, distances=False)
+    assert m["dice_1"] == 1.0 and m["dice"] == 0.5
+    with pytest.raises(MaskError, match="outside 0..1"):
+        segmentation_metrics(pred, truth, (2.0, 1.0, 1.0), num_classes=2)
 
 
 def test_slice_dice_empty_slice_rule():

@@ -152,7 +152,8 @@ def test_case_names_cannot_leave_the_output_folder_in_predict_and_evaluate(produ
     assert _run(["predict", "--model", str(produced["run"]), "--input", str(cases),
                  "--output", str(pred)], console) == 1
     assert "..: FAILED" in console.read_text() and "cannot be used as a file name" in console.read_text()
-    assert sorted(p.name for p in pred.iterdir()) == ["ok.nii.gz", "predictions.csv"]
+    assert sorted(p.name for p in pred.iterdir()) == [".ctseg-manifest.json", ".ctseg.lock", "ok.nii.gz",
+                                                      "predictions.csv"]
     # a prediction for `..` placed by hand: evaluation must keep every output inside its folder
     os.link(pred / "ok.nii.gz", pred / "...nii.gz")
     evaluation = tmp_path / "sandbox" / "eval"

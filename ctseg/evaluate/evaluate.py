@@ -3,6 +3,10 @@
 Predictions are matched to cases by name (`PRED_DIR/<case>.nii.gz`) and must sit on exactly the
 CT's voxel grid: a different shape or affine is refused, never resampled, because a resampled
 Dice describes a different segmentation from the one the user would load in 3D Slicer.
+When the folder holds `ctseg predict`'s `predictions.csv`, a case it lists as failed is reported
+as failed and never scored, whatever NIfTI of that name is still there. Classes are 0..N-1 with N
+from `--num-classes` (else the truth's largest label + 1); a label outside them in either mask is
+an error naming the file, not a class silently added to the mean.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, O
                                    slice_dice)
 from ctseg.io.masks import AFFINE_TOLERANCE
 from ctseg.io.volume import CTVolume
-from ctseg.utils import atomic_write_text
+from ctseg.outputs import check_writable_dir
+from ctseg.utils import atomic_write_text, csv_cell, csv_uncell, log_text
 
 log = logging.getLogger(__name__)
 
 #: Columns of cases.csv before the metrics.
 CASE_COLUMNS = ("case", "group", "slices", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm")
+#: The table `ctseg predict` writes beside its masks (`ctseg.infer.predict.CSV_NAME`).
+PREDICTIONS_CSV = "predictions.csv"
 SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels", "pred_pixels")
 
 
@@ -108,7 +115,13 @@ def evaluate_case(
     volume = load_case_volume(case)
     truth = load_mask(case.label, volume)
     pred = load_prediction(pred_path, volume)
-    n_classes = num_classes or max(2, int(truth.max()) + 1, int(pred.max()) + 1)
+    n_classes = num_classes or max(2, int(truth.max()) + 1 if truth.size else 2)
+    for path, labels, what in ((case.label, truth, "truth"), (pred_path, pred, "prediction")):
+        if labels.size and int(labels.max()) >= n_classes:
+            outside = sorted(int(v) for v in np.unique(labels) if v >= n_classes)
+            raise MaskError(f"{log_text(path)}: {what} labels {outside} are outside the classes 0..{n_classes - 1} "
+                            + ("given by --num-classes" if num_classes else "of the truth mask; pass "
+                               "--num-classes with the model's class count if the truth lacks a class"))
     metrics = segmentation_metrics(pred, truth, volume.spacing, num_classes=n_classes,
                                    tolerance_mm=tolerance_mm)
     dice = slice_dice(pred, truth, empty_threshold=empty_threshold, num_classes=n_classes)
@@ -176,9 +189,24 @@ def match_predictions(pred_dir: Path, truth_dir: Path) -> tuple[list[tuple], lis
     if not matched:
         raise CTSegError(
             f"no prediction in {pred_dir} matches a labelled case in {truth_dir} by name "
-            f"(predictions: {', '.join(sorted(preds)[:5]) or 'none'}; "
-            f"cases: {', '.join(sorted(cases)[:5]) or 'none'})")
+            f"(predictions: {log_text(', '.join(sorted(preds)[:5])) or 'none'}; "
+            f"cases: {log_text(', '.join(sorted(cases)[:5])) or 'none'})")
     return matched, unmatched_preds, missing_preds
+
+
+def read_prediction_status(pred_dir: Path) -> dict[str, str]:
+    """Case -> status from `ctseg predict`'s predictions.csv in `pred_dir` ({} when there is none)."""
+    path = Path(pred_dir) / PREDICTIONS_CSV
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CTSegError(f"{log_text(path)}: cannot read the prediction table ({exc})") from exc
+    if rows and not {"case", "status"} <= set(rows[0]):
+        raise CTSegError(f"{log_text(path)}: expected columns 'case' and 'status'")
+    return {csv_uncell(row["case"]): row["status"] for row in rows if row.get("case")}
 
 
 def evaluate_predictions(
@@ -190,20 +218,31 @@ def evaluate_predictions(
 
     Returns the summary (also written as summary.json).
     """
-    output = Path(output)
+    output = check_writable_dir(output)
+    status = read_prediction_status(pred_dir)
     matched, unmatched_preds, missing_preds = match_predictions(pred_dir, truth_dir)
+    labelled = {case.name for case, _ in matched} | set(missing_preds)
+    failed = sorted(name for name, s in status.items() if s != "ok" and name in labelled)
+    matched = [(case, path) for case, path in matched if case.name not in failed]
+    missing_preds = [name for name in missing_preds if name not in failed]
+    if not matched:
+        raise CTSegError(f"{log_text(pred_dir)}: no prediction to score: predictions.csv lists "
+                         f"{log_text(', '.join(failed))} as failed")
     groups = load_split_groups(split) if split else {}
+    for name in failed:
+        log.warning("case %s failed in ctseg predict (predictions.csv): reported as failed, not scored",
+                    log_text(name))
     for name in unmatched_preds:
-        log.warning("prediction %s has no labelled case in %s: not scored", name, truth_dir)
+        log.warning("prediction %s has no labelled case in %s: not scored", log_text(name), log_text(truth_dir))
     for name in missing_preds:
-        log.warning("labelled case %s has no prediction in %s: not scored", name, pred_dir)
+        log.warning("labelled case %s has no prediction in %s: not scored", log_text(name), log_text(pred_dir))
 
     fig_dir = output / "figures"
     results: list[CaseResult] = []
     figure_paths: dict[str, list[Path]] = {"slice_dice": [], "gallery": []}
     for case, pred_path in matched:
         name = case.name
-        log.info("evaluating %s", name)
+        log.info("evaluating %s", log_text(name))
         group = groups.get(name, "other") if groups else "all"
         result = evaluate_case(case, pred_path, group=group, tolerance_mm=tolerance_mm,
                                empty_threshold=empty_threshold, num_classes=num_classes)
@@ -233,6 +272,7 @@ def evaluate_predictions(
         "slice_dice": summarize(({"dice": float(d)} for r in results for d in r.dice), ["dice"])["dice"],
         "unmatched_predictions": unmatched_preds,
         "cases_without_prediction": missing_preds,
+        "failed_predictions": failed,
     }
     if groups:
         summary["groups"] = {
@@ -242,7 +282,6 @@ def evaluate_predictions(
             for g, v in by_group.items()
         }
 
-    output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "cases.csv", _csv(
         list(CASE_COLUMNS) + metric_keys,
         ({"case": r.name, "group": r.group, "slices": len(r.dice), "spacing_z_mm": r.spacing[0],
@@ -258,7 +297,7 @@ def evaluate_predictions(
     return summary
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -275,7 +314,8 @@ def _csv(columns: Iterable[str], rows: Iterable[Mapping]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (repr(v) if isinstance(v, float) else csv_cell(v) if isinstance(v, str) else v)
+                         for k, v in row.items()})
     return buffer.getvalue()
 
 
@@ -303,27 +343,29 @@ def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
     ]
     if summary["unmatched_predictions"]:
         lines.append(f"- predictions without a labelled case (not scored): {', '.join(summary['unmatched_predictions'])}")
+    if summary["failed_predictions"]:
+        lines.append(f"- cases that failed in `ctseg predict` (not scored): {', '.join(summary['failed_predictions'])}")
     if summary["cases_without_prediction"]:
         lines.append(f"- labelled cases without a prediction (not scored): {', '.join(summary['cases_without_prediction'])}")
     lines += ["", "## Summary over cases", "",
               "| metric | mean | sd | median | min | n | non-finite |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, s in summary["metrics"].items():
-        lines.append(f"| {key} | {_fmt(s['mean'])} | {_fmt(s['sd'])} | {_fmt(s['median'])} | {_fmt(s['min'])} "
+        lines.append(f"| {key} | {format_value(s['mean'])} | {format_value(s['sd'])} | {format_value(s['median'])} | {format_value(s['min'])} "
                      f"| {s['n']} | {s['non_finite']} |")
     sd = summary["slice_dice"]
-    lines.append(f"| per-slice Dice (all slices) | {_fmt(sd['mean'])} | {_fmt(sd['sd'])} | {_fmt(sd['median'])} "
-                 f"| {_fmt(sd['min'])} | {sd['n']} | {sd['non_finite']} |")
+    lines.append(f"| per-slice Dice (all slices) | {format_value(sd['mean'])} | {format_value(sd['sd'])} | {format_value(sd['median'])} "
+                 f"| {format_value(sd['min'])} | {sd['n']} | {sd['non_finite']} |")
     if "groups" in summary:
         lines += ["", "## By split group", "", "| group | cases | volume Dice mean | per-slice Dice mean |",
                   "| --- | --- | --- | --- |"]
         for g, s in summary["groups"].items():
-            lines.append(f"| {g} | {len(s['cases'])} | {_fmt(s['metrics']['dice']['mean'])} "
-                         f"| {_fmt(s['slice_dice']['mean'])} |")
+            lines.append(f"| {g} | {len(s['cases'])} | {format_value(s['metrics']['dice']['mean'])} "
+                         f"| {format_value(s['slice_dice']['mean'])} |")
     shown = [k for k in OVERLAP_METRICS + DISTANCE_METRICS if k in metric_keys]
     lines += ["", "## Per case", "", "| case | group | slices | " + " | ".join(shown) + " |",
               "| --- | --- | --- | " + " | ".join("---" for _ in shown) + " |"]
     for r in results:
-        lines.append(f"| {r.name} | {r.group} | {len(r.dice)} | " + " | ".join(_fmt(r.metrics[k]) for k in shown) + " |")
+        lines.append(f"| {r.name} | {r.group} | {len(r.dice)} | " + " | ".join(format_value(r.metrics[k]) for k in shown) + " |")
     lines += ["", "Full values: `cases.csv`, `slices.csv`, `summary.json`.", "", "## Figures", "",
               "### Per-slice Dice histogram", "", f"![per-slice Dice histogram]({rel(histogram)})", "",
               "### Per-slice Dice along the scan", ""]

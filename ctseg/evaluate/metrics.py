@@ -8,11 +8,12 @@ Conventions
   in mm, so distances are millimetres even for anisotropic CT (e.g. 3 mm slices, 0.98 mm pixels).
 - Only foreground classes 1..num_classes-1 are scored. Each class is passed to MONAI as a single
   boolean channel (never a full one-hot volume), which keeps a 512x512x150 case cheap on CPU.
-- Empty masks: both empty -> Dice, IoU, precision, recall and NSD are 1 and HD95/ASSD are 0 (a
-  correct "nothing here"). Exactly one empty -> Dice, IoU and NSD are 0, HD95/ASSD are `inf`
-  (no surface to measure to), precision is NaN when nothing was predicted, recall NaN when the
-  truth is empty (their denominators are zero). Summaries must therefore treat non-finite values
-  explicitly (`ctseg evaluate` reports how many there are).
+- Empty masks: a class absent from both masks is not scored: its Dice, IoU, precision, recall,
+  NSD, HD95 and ASSD are NaN (as MONAI's `ignore_empty`) and class means leave it out, so a
+  label nobody drew cannot lift a mean by counting as a perfect 1. Exactly one empty -> Dice, IoU
+  and NSD are 0, HD95/ASSD are `inf` (no surface to measure to), precision is NaN when nothing
+  was predicted, recall NaN when the truth is empty (their denominators are zero). Summaries
+  must therefore treat non-finite values explicitly (`ctseg evaluate` reports how many there are).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _channel(labels: np.ndarray, cls: int) -> torch.Tensor:
 def _distance_metrics(p: torch.Tensor, t: torch.Tensor, spacing: list[float], tolerance_mm: float) -> dict:
     p_any, t_any = bool(p.any()), bool(t.any())
     if not p_any and not t_any:
-        return {"hd95_mm": 0.0, "assd_mm": 0.0, "nsd": 1.0}
+        return {"hd95_mm": math.nan, "assd_mm": math.nan, "nsd": math.nan}
     if p_any != t_any:
         return {"hd95_mm": math.inf, "assd_mm": math.inf, "nsd": 0.0}
     with warnings.catch_warnings():
@@ -88,11 +89,11 @@ def _confusion(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return get_confusion_matrix(p.view(torch.uint8), t.view(torch.uint8), include_background=True)[:, 0]
 
 
-def _overlap(cm: torch.Tensor, name: str) -> np.ndarray:
-    """`name` from the confusion matrices, with 0/0 (both masks empty) scored as a perfect 1."""
+def _overlap(cm: torch.Tensor, name: str, empty_both: float = math.nan) -> np.ndarray:
+    """`name` from the confusion matrices, with `empty_both` where neither mask has the class."""
     value = compute_confusion_matrix_metric(name, cm.double()).numpy()
-    empty_both = (cm[:, 0] + cm[:, 1] + cm[:, 3] == 0).numpy()
-    return np.where(empty_both, 1.0, value)
+    empty = (cm[:, 0] + cm[:, 1] + cm[:, 3] == 0).numpy()
+    return np.where(empty, empty_both, value)
 
 
 def _class_metrics(
@@ -102,8 +103,9 @@ def _class_metrics(
     out = {
         name: float(_overlap(cm, key)[0])
         for name, key in (("dice", "f1 score"), ("iou", "threat score"), ("precision", "precision"),
-                          ("recall", "sensitivity"), ("accuracy", "accuracy"))
+                          ("recall", "sensitivity"))
     }
+    out["accuracy"] = float(_overlap(cm, "accuracy", empty_both=1.0)[0])  # every voxel right
     voxel_ml = float(np.prod(spacing)) / 1000.0
     out["truth_ml"] = int(t.sum()) * voxel_ml
     out["pred_ml"] = int(p.sum()) * voxel_ml
@@ -142,9 +144,14 @@ def segmentation_metrics(
     result: dict[str, float] = {}
     for cls, values in per_class.items():
         result.update({f"{name}_{cls}": value for name, value in values.items()})
+    present = [values["truth_ml"] > 0 or values["pred_ml"] > 0 for values in per_class.values()]
     for name in per_class[1]:
         column = [values[name] for values in per_class.values()]
-        result[name] = float(np.sum(column) if name in VOLUME_METRICS else np.mean(column))
+        if name in VOLUME_METRICS:
+            result[name] = float(np.sum(column))
+        else:  # classes absent from both masks are left out; a missed or invented class is not
+            scored = [v for v, keep in zip(column, present) if keep]
+            result[name] = float(np.mean(scored)) if scored else math.nan
     result["accuracy"] = float(np.mean(pred == truth)) if pred.size else 1.0
     return result
 
@@ -171,7 +178,8 @@ def slice_dice(
     for cls in range(1, num_classes):
         p_cls, t_cls = pred == cls, truth == cls
         # slices as a batch (z, 1, y, x): one MONAI call scores every slice
-        dice = _overlap(_confusion(torch.from_numpy(p_cls)[:, None], torch.from_numpy(t_cls)[:, None]), "f1 score")
+        dice = _overlap(_confusion(torch.from_numpy(p_cls)[:, None], torch.from_numpy(t_cls)[:, None]), "f1 score",
+                        empty_both=1.0)
         truth_empty = ~t_cls.any(axis=(1, 2))
         pred_pixels = p_cls.sum(axis=(1, 2))
         judged_empty = (pred_pixels == 0) | (pred_pixels < empty_threshold)

@@ -8,8 +8,11 @@ training validated with), post-processed (`ctseg.infer.postprocess`) and written
 probabilities on, `OUT_DIR/probabilities/<case>.nii.gz` holds the float32 foreground probability
 (binary models) or one volume per class (4D, class last).
 
-A case that fails is recorded and skipped; `OUT_DIR/predictions.csv` lists every case with its
-status, time, slices per second and foreground volume, rewritten after each case.
+A case that fails is recorded and skipped, and its output of an earlier run removed (so a stale
+mask cannot be scored as this run's); `OUT_DIR/predictions.csv` lists every case with its
+status, time, slices per second and foreground volume, merged by case with the rows already
+there (newest wins) under a folder lock after each case. Outputs never replace an input or a
+file ctseg did not write (`ctseg.outputs`); case names in the CSV are escaped (`csv_cell`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from ctseg.infer.predictor import num_classes, predict_volume
 from ctseg.io import CTVolume, load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.formats import image_stem, is_image_file
-from ctseg.utils import atomic_path, atomic_write_text
+from ctseg.outputs import check_replaceable, check_writable_dir, folder_lock, is_ours, record, remove_ours
+from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, log_text
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +129,17 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     Under torchrun each rank segments its share of the cases (every case exactly once); the
     results are gathered so every rank returns all of them, and rank 0 writes the CSV.
     """
-    output_dir = Path(output_dir)
+    output_dir = check_writable_dir(output_dir).resolve()
     cases = find_inputs(input_path)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    refusal = None
+    if distributed.is_main():  # one check for all ranks, before any of them writes
+        try:
+            check_outputs(cases, output_dir, probabilities, formats)
+        except CTSegError as exc:
+            refusal = str(exc)
+    refusal = distributed.broadcast(refusal)
+    if refusal:
+        raise CTSegError(refusal)
     config = inference_config(loaded.config, tta)
     classes = num_classes(config)
     steps = postprocess_steps(config, classes) if postprocess else []
@@ -137,17 +149,24 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
     results: list[CaseResult] = []
     for case in distributed.shard(cases):
         start = time.perf_counter()
+        written: list[Path] = []
         try:
             labels_path = output_path(output_dir, case.name)
+            written = [labels_path] + ([output_path(output_dir / "probabilities", case.name)]
+                                       if probabilities else [])
+            if "dicom-seg" in formats:
+                written.append(output_path(output_dir, case.name, ".seg.dcm"))
             volume = load_volume(case.image, series)
             labels, probs = predict_volume(loaded.model, volume.array, config, device)
             if probabilities:
-                save_probabilities(probs, volume.affine, output_path(output_dir / "probabilities", case.name))
+                save_probabilities(probs, volume.affine, written[1])
             del probs  # (classes, z, y, x) float32: the largest array of a case
             labels = postprocess_labels(labels, steps)
             save_nifti(labels, volume.affine, labels_path, kind="label")
             if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
-                save_dicom_seg(labels, volume, output_path(output_dir, case.name, ".seg.dcm"))
+                save_dicom_seg(labels, volume, written[-1])
+            with folder_lock(output_dir):
+                record(output_dir, *written)
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
             result = CaseResult(case.name, "ok", slices=int(labels.shape[0]),
                                 seconds=time.perf_counter() - start,
@@ -155,7 +174,11 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
                                 output=labels_path)
         except Exception as exc:  # one bad case must not stop the others; the CSV records why
             if not isinstance(exc, CTSegError):
-                log.exception("case %s failed unexpectedly", case.name)
+                log.exception("case %s failed unexpectedly", log_text(case.name))
+            with folder_lock(output_dir):  # an earlier run's mask must not pass for this run's
+                for stale in remove_ours(output_dir, *written):
+                    log.warning("case %s failed: removed its earlier output %s", log_text(case.name),
+                                log_text(stale.name))
             result = CaseResult(case.name, "failed", seconds=time.perf_counter() - start,
                                 error=f"{type(exc).__name__}: {exc}")
         results.append(result)
@@ -168,6 +191,23 @@ def predict_cases(loaded: LoadedModel, input_path: str | Path, output_dir: str |
         if distributed.is_main():
             write_csv(results, output_dir / CSV_NAME)
     return results
+
+
+def check_outputs(cases: list[Case], output_dir: Path, probabilities: bool,
+                  formats: tuple[str, ...] = ("nifti",)) -> None:
+    """Refuse the run before any work if an output would replace an input or a user's file."""
+    planned = [output_dir / CSV_NAME]
+    for case in cases:
+        try:
+            planned.append(output_path(output_dir, case.name))
+            if probabilities:
+                planned.append(output_path(output_dir / "probabilities", case.name))
+            if "dicom-seg" in formats:
+                planned.append(output_path(output_dir, case.name, ".seg.dcm"))
+        except CTSegError:
+            continue  # an unusable case name fails on its own, as its CSV row says
+    inputs = [p for case in cases for p in (case.image, case.label) if p is not None]
+    check_replaceable(output_dir, planned, inputs)
 
 
 def save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -185,12 +225,22 @@ def save_probabilities(probs: np.ndarray, affine: np.ndarray, path: Path) -> Pat
 
 
 def write_csv(results: list[CaseResult], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in results:
-        writer.writerow({"case": r.case, "status": r.status, "slices": r.slices,
-                         "seconds": f"{r.seconds:.3f}", "slices_per_second": f"{r.slices_per_second:.2f}",
-                         "foreground_ml": f"{r.foreground_ml:.2f}",
-                         "output": r.output.name if r.output else "", "error": r.error})
-    atomic_write_text(path, buffer.getvalue())
+    """Merge `results` into the CSV by case (newest wins), under the folder lock, so runs into
+    one folder, at once or one after another, keep each other's rows."""
+    folder = path.parent
+    with folder_lock(folder):
+        rows: dict[str, dict] = {}
+        if is_ours(folder, path):
+            with open(path, newline="") as fh:
+                rows = {csv_uncell(row["case"]): row for row in csv.DictReader(fh) if row.get("case")}
+        for r in results:
+            rows[r.case] = {"case": csv_cell(r.case), "status": r.status, "slices": r.slices,
+                            "seconds": f"{r.seconds:.3f}", "slices_per_second": f"{r.slices_per_second:.2f}",
+                            "foreground_ml": f"{r.foreground_ml:.2f}",
+                            "output": csv_cell(r.output.name) if r.output else "", "error": csv_cell(r.error)}
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows.values())
+        atomic_write_text(path, buffer.getvalue())
+        record(folder, path)

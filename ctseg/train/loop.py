@@ -444,7 +444,7 @@ class _Trainer:
             per_case = distributed.gather_dict(per_case)
         per_case = {c.name: per_case[c.name] for c in self.val_cases}  # one order on every rank
         keys = next(iter(per_case.values())).keys()
-        mean = {k: float(np.mean([m[k] for m in per_case.values()])) for k in keys}
+        mean = {k: float(np.nanmean([m[k] for m in per_case.values()])) for k in keys}
         mean["cases"] = per_case
         mean["qc"] = kept
         return mean
