@@ -208,8 +208,9 @@ def plan_runs(spec: dict, root: Path) -> list[PlannedRun]:
 
 def subset_slices(depths: list[int], n: int) -> list[tuple[int, int]]:
     """n (case, slice) picks over cases of the given depths: each case gets a share proportional to
-    its slice count (largest remainder), taken evenly along z, so the lung-free slices at the ends
-    of each scan keep their natural share."""
+    its slice count (largest remainder), taken at the midpoints of equal steps along z (not at
+    the two ends, which a small subset would over-weight), so the lung-free slices at the ends of
+    each scan keep their natural share."""
     total = sum(depths)
     n = min(n, total)
     exact = np.array(depths, dtype=float) * n / total
@@ -217,7 +218,7 @@ def subset_slices(depths: list[int], n: int) -> list[tuple[int, int]]:
     for i in np.argsort(-(exact - share), kind="stable")[: n - int(share.sum())]:
         share[i] += 1
     return [(c, int(z)) for c, (depth, k) in enumerate(zip(depths, share)) if k
-            for z in np.unique(np.linspace(0, depth - 1, k).round().astype(int))]
+            for z in ((np.arange(k) + 0.5) * depth / k).astype(int)]
 
 
 def write_slice_subsets(cases: list, folds: list[dict], counts: list[int], folder: Path) -> dict:
