@@ -54,8 +54,17 @@ import yaml
 from matplotlib.figure import Figure
 
 from ctseg.config import apply_overrides, get, load_config, read_yaml_file, resolve_config
+from ctseg.data import discover_cases
+from ctseg.data.cache import cache_case, load_case_volume
 from ctseg.errors import ConfigError
+from ctseg.evaluate.report import read_run
+from ctseg.io import load_mask, save_nifti
+from ctseg.study.compare import load_run, mean_metrics, measure_cases, run_facts
+from ctseg.study.cv import default_folds, fold_config, plan_folds
 from ctseg.study.paired import paired, spread
+from ctseg.train import train
+from ctseg.train.checkpoint import LAST
+from ctseg.train.loop import ensure_phantom
 from ctseg.utils import atomic_path, atomic_write_text, pick_device
 
 log = logging.getLogger(__name__)
@@ -228,9 +237,6 @@ def write_slice_subsets(cases: list, folds: list[dict], counts: list[int], folde
     Stacking slices of several cases into one volume is only valid for 2D training (the runner
     refuses `data.context` > 1 for these runs). Returns {(fold, n): {"case", "slices", "lung_slices"}}.
     """
-    from ctseg.data.cache import load_case_volume
-    from ctseg.io import load_mask, save_nifti
-
     by_name = {c.name: c for c in cases}
     volumes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -305,8 +311,6 @@ class _Job:
 
 def _jobs(planned: list[PlannedRun], spec: dict, cases: list, case_dir: Path, output: Path) -> list[_Job]:
     """Every (run, fold, seed) training with its fold's split, in the order they run."""
-    from ctseg.study.cv import default_folds, fold_config, plan_folds
-
     names = sorted(c.name for c in cases)
     first = resolve_config(planned[0].config)
     k = int(spec.get("folds") or default_folds(len(names)))
@@ -348,9 +352,6 @@ def run_experiment(
     set, and the report to `doc_dir` (default `docs/experiments/` of the repository; the run
     folder for the `smoke` size, so a smoke run never replaces measured results).
     """
-    from ctseg.data import discover_cases
-    from ctseg.train.loop import ensure_phantom
-
     path = find_pipeline(name, search)
     root = repo_root_of(path)
     spec = load_pipeline(path, size)
@@ -386,11 +387,6 @@ def run_experiment(
 def _run_job(job: _Job, spec: dict, conditions: list[dict], test_cases: list, output: Path,
              device: str | None, dev: torch.device) -> list[dict]:
     """Train one (run, fold, seed), score it on the fold's test cases under every condition."""
-    from ctseg.evaluate.report import read_run
-    from ctseg.study.compare import load_run, mean_metrics, measure_cases, run_facts
-    from ctseg.train import train
-    from ctseg.train.checkpoint import LAST
-
     run_dir = output / f"{job.run.name}_fold{job.fold['fold']}_seed{job.seed}"
     if (run_dir / DONE).is_file():
         log.info("%s: already trained and scored, reused", run_dir.name)
@@ -429,9 +425,6 @@ def _run_job(job: _Job, spec: dict, conditions: list[dict], test_cases: list, ou
 
 def _slice_count(case_dir: Path, names: list[str], config: dict) -> int:
     """Slices in the named cases, from the preprocessing cache that training filled."""
-    from ctseg.data import discover_cases
-    from ctseg.data.cache import cache_case
-
     return sum(cache_case(c, config, get(config, "data.cache_dir")).shape[0]
                for c in discover_cases(case_dir) if c.name in names)
 
