@@ -60,6 +60,7 @@ def _tables(doc: Path) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow  # a few dozen tiny trainings: minutes on a loaded 2-core machine
 @pytest.mark.parametrize("name, runs, conditions", [
     ("versions", ["ver1", "ver2", "ver3", "ver4", "ver5"], ["clean"]),
     ("noise", ["train_clean", "train_noisy"], ["clean", "noisy", "very noisy", "study level"]),
