@@ -74,7 +74,7 @@ def test_experiment_smoke(name, runs, conditions, runs_root, tmp_path):
     seeds, folds = spec["seeds"], range(spec["folds"])
 
     doc = output / f"{name}.md"  # smoke results stay beside the runs, never in docs/
-    summary, comparisons = _tables(doc)
+    summary, comparisons, *by_condition = _tables(doc)
     assert [(row[0], row[2].split(" (")[0]) for row in summary] == [(r, c) for r in runs for c in conditions]
     for row in summary:
         assert int(row[6]) == len(seeds) * len(folds)  # n: every fold with every seed
@@ -83,6 +83,10 @@ def test_experiment_smoke(name, runs, conditions, runs_root, tmp_path):
     baseline = spec["baseline"]
     assert [(row[0], row[1]) for row in comparisons] == [(r, c) for r in runs if r != baseline for c in conditions]
     assert all(int(row[3]) == len(seeds) * len(folds) for row in comparisons)  # paired by (fold, seed)
+    if len(conditions) > 1:  # each condition against the first, for the same trainings
+        assert [(row[0], row[1]) for row in by_condition[0]] == [(r, c) for r in runs for c in conditions[1:]]
+    else:
+        assert by_condition == []
     for link in re.findall(r"\]\(([^)]+\.png)\)", doc.read_text()):
         assert (output / link).stat().st_size > 1000
 

@@ -439,9 +439,10 @@ def _csv(rows: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- statistics
 
-def summarize(rows: list[dict], baseline: str) -> tuple[list[dict], list[dict]]:
-    """Per (run, condition): mean ± sd over folds x seeds; and the paired comparison of every
-    other run with `baseline` under the same condition, paired by (fold, seed)."""
+def summarize(rows: list[dict], baseline: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per (run, condition): mean ± sd over folds x seeds; the paired comparison of every other
+    run with `baseline` under the same condition; and of every condition of a run with the run's
+    first condition (the same trainings: what the condition alone changes). Pairs: (fold, seed)."""
     keys = list(dict.fromkeys((r["run"], r["condition"]) for r in rows))
     groups = {key: [r for r in rows if (r["run"], r["condition"]) == key] for key in keys}
     summary = []
@@ -465,7 +466,15 @@ def summarize(rows: list[dict], baseline: str) -> tuple[list[dict], list[dict]]:
         base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(baseline, cond)]}
         other = {(r["fold"], r["seed"]): r["dice"] for r in members}
         comparisons.append({"run": run, "condition": cond, "baseline": baseline, **paired(base, other)})
-    return summary, comparisons
+    first_condition = keys[0][1]
+    by_condition = []
+    for (run, cond), members in groups.items():
+        if cond == first_condition or (run, first_condition) not in groups:
+            continue
+        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(run, first_condition)]}
+        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
+        by_condition.append({"run": run, "condition": cond, "baseline": first_condition, **paired(base, other)})
+    return summary, comparisons, by_condition
 
 
 def _seed_sd(members: list[dict]) -> float:
@@ -533,7 +542,7 @@ def write_doc(spec: dict, rows: list[dict], doc_dir: Path, pipeline: Path, root:
     name = spec["name"]
     doc_dir = Path(doc_dir)
     baseline = spec.get("baseline") or rows[0]["run"]
-    summary, comparisons = summarize(rows, baseline)
+    summary, comparisons, by_condition = summarize(rows, baseline)
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     plots = []
     for group in dict.fromkeys(s["group"] for s in summary):
@@ -590,6 +599,14 @@ def write_doc(spec: dict, rows: list[dict], doc_dir: Path, pipeline: Path, root:
     for c in comparisons:
         lines.append(f"| {c['run']} | {c['condition']} | {_pm(c['diff_mean'], c['diff_sd'])} | {c['diff_n']} "
                      f"| {_p(c['t_p'])} | {_p(c['wilcoxon_p'])} | {c['verdict']} |")
+    if by_condition:
+        lines += ["", f"Each condition against `{conditions[0]}` for the same trainings (same run, fold and seed; "
+                  f"difference = condition - {conditions[0]} in test volume Dice; verdict and p as above).", "",
+                  "| run | condition | difference (mean ± sd) | pairs | paired t p | Wilcoxon p | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in by_condition:
+            lines.append(f"| {c['run']} | {c['condition']} | {_pm(c['diff_mean'], c['diff_sd'])} | {c['diff_n']} "
+                         f"| {_p(c['t_p'])} | {_p(c['wilcoxon_p'])} | {c['verdict']} |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     doc = doc_dir / f"{name}.md"
     existing = doc.read_text() if doc.is_file() else None
