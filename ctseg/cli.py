@@ -55,13 +55,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_predictions(args.pred, args.truth, args.output, tolerance_mm=args.tolerance_mm,
                                    empty_threshold=args.empty_threshold, split=args.split,
-                                   num_classes=args.num_classes)
+                                   num_classes=args.num_classes, run=args.run)
     dice = summary["metrics"]["dice"]
     print(f"evaluated {summary['cases']} case(s): volume Dice mean {format_value(dice['mean'])} "
           f"(min {format_value(dice['min'])}), per-slice Dice mean {format_value(summary['slice_dice']['mean'])}")
     if summary["failed_predictions"]:
         print(f"not scored, failed in ctseg predict: {', '.join(summary['failed_predictions'])}",
               file=sys.stderr)
+    if summary["grouping"]["warning"]:
+        print(f"WARNING: {summary['grouping']['warning']}", file=sys.stderr)
+    for group, s in summary["groups"].items():
+        if len(summary["groups"]) > 1 or not summary["grouping"]["warning"]:
+            print(f"  {group} ({len(s['cases'])}): volume Dice mean {format_value(s['metrics']['dice']['mean'])}; {s['role']}")
+    held = summary["held_out"]
+    if held is not None:
+        print(f"held-out volume Dice mean {format_value(held['metrics']['dice']['mean'])} over {len(held['cases'])} case(s)")
     print(f"wrote {args.output / 'report.md'}")
     return 0
 
@@ -208,7 +216,8 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 def _cmd_export_bundle(args: argparse.Namespace) -> int:
     from ctseg.infer.export import export_bundle
 
-    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite)
+    out = export_bundle(args.run_dir, args.output, evaluate_dir=args.evaluate, overwrite=args.overwrite,
+                        cv_dir=args.cv)
     print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
           "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
     return 0
@@ -282,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface tolerance of normalised surface Dice")
     p.add_argument("--empty-threshold", type=int, default=10,
                    help="pixels below which a prediction on a slice without truth counts as empty")
-    p.add_argument("--split", type=Path, default=None, help="a run's split.json: group cases (train vs test)")
+    p.add_argument("--split", type=Path, default=None,
+                   help="a run's split.json: group cases (train, val, test; unlisted cases are unseen)")
+    p.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                   help="the run that made the predictions: group cases by its split.json")
     p.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: from the labels)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -344,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the exported model on these labelled cases for the model card")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files an export writes in an existing bundle (keeps eval/ and other files)")
+    p.add_argument("--cv", type=Path, default=None, metavar="CV_DIR",
+                   help="a `ctseg cv` output folder: its cross-validation figures go into the model card and metadata")
     p.set_defaults(func=_cmd_export_bundle)
 
     p = sub.add_parser("cv", help="patient-level K-fold cross-validation (each case tested by a fold "

@@ -89,7 +89,12 @@ def test_bundle_follows_the_monai_layout(bundle, run_dir):
     image = meta["network_data_format"]["inputs"]["image"]
     assert image["format"] == "hounsfield" and image["modality"] == "CT" and image["spatial_shape"] == [32, 32]
     assert meta["network_data_format"]["outputs"]["pred"]["format"] == "segmentation"
-    assert 0 < meta["eval_metrics"]["held_out_mean_dice"] <= 1
+    # the tiny run's split lists every phantom case (train and val): none is held out, and no mean
+    # may pass off training or checkpoint-picking cases as held out
+    figures = meta["eval_metrics"]
+    assert "held_out_mean_dice" not in figures and "mean_dice" not in figures
+    assert 0 < figures["val_dice_selection_biased"] <= 1
+    assert "selection-biased" in meta["eval_metrics_method"]["val_dice_selection_biased"]
     config = yaml.safe_load((bundle / "configs/inference.yaml").read_text())
     assert config["bundle_root"] == "."
     assert config["network_def"] == {"_target_": "scripts.networks.build_network", "name": "unet",
@@ -106,9 +111,64 @@ def test_bundle_follows_the_monai_layout(bundle, run_dir):
     card = (bundle / "docs/README.md").read_text()
     assert "Not exported yet" not in card and f"`{run_dir.name}`" in card
     assert all(f"| {case} |" in card for case in CASES)
+    assert "None of these cases is held out" in card and "held-out mean" not in card
     state = torch.load(bundle / "models/model.pt", weights_only=True)
     assert set(state) == set(load_model(run_dir, "cpu").model.state_dict())
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_card_and_metadata_report_held_out_cases_only_and_the_cv_figures(run_dir, tmp_path, capsys):
+    """held_out_* average only the case the run never loaded; --cv copies `ctseg cv`'s summary.json."""
+    from conftest import PHANTOM_SHAPE
+
+    from ctseg.data.phantom import write_phantom_dataset
+    from ctseg.evaluate.evaluate import evaluate_predictions
+    from ctseg.study.cv import _write_outputs
+
+    # the run's three cases (deterministic per index) plus Phantom_003, which the run never loaded
+    slices, rows_, cols = PHANTOM_SHAPE
+    cases = write_phantom_dataset(tmp_path / "cases", n_cases=4, seed=0, rows=rows_, cols=cols, slices=slices)
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    rows = [{"fold": k, "case": case, "dice": dice, "iou": dice - 0.05, "hd95_mm": 2.0 + k, "assd_mm": 0.5,
+             "nsd": 0.9, "selection": "last", "epochs": 1, "train_seconds": 1.0}
+            for k, (case, dice) in enumerate(zip(CASES, (0.91, 0.85, 0.88)))]
+    _write_outputs(cv_dir, {}, [{"fold": k, "test": [c]} for k, c in enumerate(CASES)], rows, [])
+    bundle = tmp_path / "bundle"
+    assert main(["export-bundle", str(run_dir), "--output", str(bundle), "--evaluate", str(cases),
+                 "--cv", str(cv_dir)]) == 0
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    verify_metadata(meta_file=str(bundle / "configs/metadata.json"), filepath=str(SCHEMA))
+    figures, method = meta["eval_metrics"], meta["eval_metrics_method"]
+
+    # the same model's masks (ctseg predict), rescored by ctseg evaluate grouped by the run's split
+    assert main(["predict", "--model", str(run_dir), "--input", str(cases), "--output", str(tmp_path / "pred")]) == 0
+    scored = evaluate_predictions(tmp_path / "pred", cases, tmp_path / "eval", run=run_dir)
+    assert scored["held_out"]["cases"] == ["Phantom_003"]
+    assert figures["held_out_cases"] == 1 and "mean_dice" not in figures
+    assert figures["held_out_mean_dice"] == pytest.approx(scored["held_out"]["metrics"]["dice"]["mean"], abs=6e-5)
+    assert "Phantom_003" in method["held_out_mean_dice"] and "Phantom_000" not in method["held_out_mean_dice"]
+
+    cv = json.loads((cv_dir / "summary.json").read_text())["metrics"]["dice"]
+    assert figures["cv_mean_dice"] == round(cv["mean"], 4) == round((0.91 + 0.85 + 0.88) / 3, 4)
+    assert figures["cv_sd_dice"] == round(cv["sd"], 4) and figures["cv_worst_dice"] == 0.85
+    assert figures["cv_folds"] == 3 and figures["cv_cases"] == 3
+    assert "never loaded" in method["cv_mean_dice"] and "leave-one-case-out" in method["cv_mean_dice"]
+    card = (bundle / "docs/README.md").read_text()
+    assert "### Cross-validation" in card and "(`Phantom_001`, fold 1)" in card
+    assert f"mean {round(cv['mean'], 4):.4f}" in card
+    assert "| held-out mean (1) |" in card and "| Phantom_003 | held out (not in the split) |" in card
+    split = json.loads((run_dir / "split.json").read_text())
+    assert all(f"| {c} | trained on |" in card for c in split["train"])
+    assert all(f"| {c} | validation (picked the checkpoint) |" in card for c in split["val"])
+
+    capsys.readouterr()
+    assert main(["export-bundle", str(run_dir), "--output", str(tmp_path / "b2"), "--cv", str(cases)]) == 2
+    assert "summary.json: missing or unreadable" in capsys.readouterr().err
+    (cases / "summary.json").write_text(json.dumps({"cases": 3, "metrics": {"dice": {"mean": 0.9}}}))
+    assert main(["export-bundle", str(run_dir), "--output", str(tmp_path / "b2"), "--cv", str(cases)]) == 2
+    assert "not a `ctseg cv` summary" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
 
 
 def test_monai_verifies_the_network_against_the_metadata(bundle):

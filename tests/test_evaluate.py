@@ -126,6 +126,106 @@ def test_predictions_matched_by_name(phantom_dir, tmp_path):
         evaluate_predictions(only_strangers, phantom_dir, tmp_path / "out3")
 
 
+def test_run_split_separates_trained_selection_and_held_out_cases(phantom_dir, tmp_path, capsys):
+    def edit(name, mask, affine):
+        if name == "Phantom_002":  # the held-out case is the worst one: a flattering pool would hide it
+            mask = mask.copy()
+            mask[:, :, : mask.shape[2] // 2] = 0
+        return mask, affine
+
+    pred_dir = tmp_path / "pred"
+    _write_predictions(phantom_dir, pred_dir, edit)
+    run = tmp_path / "run"
+    run.mkdir()
+    # Phantom_002 is in no list: the run never loaded it
+    (run / "split.json").write_text(json.dumps({"train": ["Phantom_000"], "val": ["Phantom_001"], "test": [],
+                                                "method": "explicit", "seed": 0}))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(phantom_dir), "--output", str(out),
+                 "--run", str(run)]) == 0
+    printed = capsys.readouterr()
+    assert "WARNING" not in printed.err and "held-out volume Dice mean" in printed.out
+
+    with open(out / "cases.csv") as fh:
+        cases = {row["case"]: row for row in csv.DictReader(fh)}
+    assert {n: r["group"] for n, r in cases.items()} == {"Phantom_000": "train", "Phantom_001": "val",
+                                                         "Phantom_002": "unseen"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["groups"]) == ["train", "val", "unseen"]
+    assert [summary["groups"][g]["held_out"] for g in ("train", "val", "unseen")] == [False, False, True]
+    assert "selection-biased" in summary["groups"]["val"]["role"]
+    held = summary["held_out"]
+    assert held["cases"] == ["Phantom_002"]
+    assert held["metrics"]["dice"]["mean"] == pytest.approx(float(cases["Phantom_002"]["dice"]))
+    assert held["metrics"]["dice"]["mean"] < summary["metrics"]["dice"]["mean"]  # the pool flatters
+    assert summary["grouping"]["warning"] is None and summary["grouping"]["split"] == str(run / "split.json")
+    report = (out / "report.md").read_text()
+    assert "Held-out volume Dice" in report and "groups unknown" not in report
+    assert re.search(r"\| val \| validation: picked the checkpoint", report)
+
+    # the same run's split, held out explicitly as test, and a run folder without a split
+    (run / "split.json").write_text(json.dumps({"train": ["Phantom_000", "Phantom_001"], "val": [],
+                                                "test": ["Phantom_002"]}))
+    summary = evaluate_predictions(pred_dir, phantom_dir, tmp_path / "eval2", split=run / "split.json")
+    assert summary["held_out"]["cases"] == ["Phantom_002"] and set(summary["groups"]) == {"train", "test"}
+    (run / "split.json").unlink()
+    assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(phantom_dir),
+                 "--output", str(tmp_path / "eval3"), "--run", str(run)]) == 2
+    assert "no split.json" in capsys.readouterr().err
+
+
+def test_without_a_split_the_report_says_groups_are_unknown(phantom_dir, tmp_path, capsys):
+    pred_dir = tmp_path / "pred"
+    _write_predictions(phantom_dir, pred_dir)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(phantom_dir), "--output", str(out)]) == 0
+    assert "WARNING: groups unknown" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out"] is None and list(summary["groups"]) == ["all"]
+    assert summary["groups"]["all"]["held_out"] is None
+    assert summary["grouping"]["split"] is None and "training cases" in summary["grouping"]["warning"]
+    report = (out / "report.md").read_text()
+    assert "**Warning: groups unknown" in report and "Held-out volume Dice" not in report
+
+
+def test_false_positive_only_slice_counts_and_is_the_worst(phantom_dir, tmp_path):
+    empty_slice = {}
+
+    def edit(name, mask, affine):
+        if name == "Phantom_000":
+            mask = mask.copy()
+            k = int(np.flatnonzero(~mask.any(axis=(1, 2)))[0])
+            mask[k, 10:20, 10:20] = 1  # 100 pixels on a slice with no truth
+            empty_slice[name] = k
+        return mask, affine
+
+    pred_dir = tmp_path / "pred"
+    truths = _write_predictions(phantom_dir, pred_dir, edit)
+    out = tmp_path / "eval"
+    summary = evaluate_predictions(pred_dir, phantom_dir, out, empty_threshold=10)
+    k = empty_slice["Phantom_000"]
+
+    with open(out / "slices.csv") as fh:
+        slices = list(csv.DictReader(fh))
+    row = next(r for r in slices if r["case"] == "Phantom_000" and int(r["slice"]) == k)
+    assert float(row["dice"]) == 0.0 and row["counted"] == "1" and row["truth_pixels"] == "0"
+    truth_slices = sum(int(t.any(axis=(1, 2)).sum()) for t in truths.values())
+    all_slices = sum(t.shape[0] for t in truths.values())
+    sd = summary["slice_dice"]
+    assert sd["n"] == truth_slices + 1 and sd["false_positive_only"] == 1
+    assert sd["empty_in_both_excluded"] == all_slices - truth_slices - 1
+    assert sd["min"] == 0.0  # everything else is a perfect copy of the truth
+    assert sum(r["counted"] == "1" for r in slices) == sd["n"]
+    assert all(float(r["dice"]) == 1.0 for r in slices if r["counted"] == "0")
+
+    from ctseg.evaluate.evaluate import evaluate_case
+    case = next(c for c in discover_cases(phantom_dir) if c.name == "Phantom_000")
+    titles = [title for title, *_ in evaluate_case(case, pred_dir / "Phantom_000.nii.gz").gallery]
+    assert titles[-1] == f"worst: slice {k}, Dice 0.000"
+    assert titles[0].startswith("best:") and "Dice 1.000" in titles[0]
+    assert "predicted something without truth (1, Dice 0)" in (out / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(phantom_dir, tmp_path_factory) -> list[Path]:
     """Two real one-epoch runs (UNet, residual-attention UNet) on the phantom, MLflow off."""
@@ -166,5 +266,7 @@ def test_report_training_curves(tiny_runs):
     assert main(["report", str(tiny_runs[0])]) == 0
     report = tiny_runs[0] / "report" / "report.md"
     assert "training_curves.png" in report.read_text()
+    val = json.loads((tiny_runs[0] / "split.json").read_text())["val"]
+    assert f"best_val_dice is selection-biased: the validation case(s) ({', '.join(val)})" in report.read_text()
     _assert_png(tiny_runs[0] / "report" / "training_curves.png")
     assert report.read_text().count("\n| ") >= 2 + 2  # header, separator, one row per epoch

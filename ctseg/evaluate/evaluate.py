@@ -3,6 +3,11 @@
 Predictions are matched to cases by name (`PRED_DIR/<case>.nii.gz`) and must sit on exactly the
 CT's voxel grid: a different shape or affine is refused, never resampled, because a resampled
 Dice describes a different segmentation from the one the user would load in 3D Slicer.
+Cases are grouped by what they did in training (`ctseg.evaluate.groups`): each group gets its own
+means, and a held-out mean averages only cases that influenced nothing.
+Per-slice figures count every slice with truth and every slice where the model predicted
+something (a false-positive-only slice scores 0 and can be the worst); slices empty in both are
+left out of the summary and the gallery, since their perfect 1 says nothing about the model.
 When the folder holds `ctseg predict`'s `predictions.csv`, a case it lists as failed is reported
 as failed and never scored, whatever NIfTI of that name is still there. Classes are 0..N-1 with N
 from `--num-classes` (else the truth's largest label + 1); a label outside them in either mask is
@@ -23,7 +28,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from ctseg.errors import CTSegError, MaskError
-from ctseg.evaluate import figures
+from ctseg.evaluate import figures, groups as grouping
 from ctseg.evaluate.metrics import (DEFAULT_EMPTY_THRESHOLD, DISTANCE_METRICS, OVERLAP_METRICS, segmentation_metrics,
                                    slice_dice)
 from ctseg.io.masks import AFFINE_TOLERANCE
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 CASE_COLUMNS = ("case", "group", "slices", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm")
 #: The table `ctseg predict` writes beside its masks (`ctseg.infer.predict.CSV_NAME`).
 PREDICTIONS_CSV = "predictions.csv"
-SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels", "pred_pixels")
+SLICE_COLUMNS = ("case", "group", "slice", "position_mm", "dice", "truth_pixels", "pred_pixels", "counted")
 
 
 @dataclass
@@ -52,6 +57,7 @@ class CaseResult:
     dice: np.ndarray
     truth_pixels: np.ndarray
     pred_pixels: np.ndarray
+    counted: np.ndarray
     gallery: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
@@ -85,25 +91,6 @@ def slice_positions(volume: CTVolume) -> np.ndarray:
     return centres @ normal
 
 
-def load_split_groups(path: Path) -> dict[str, str]:
-    """Case name -> group ("train", "val", "test", ...) from a run's split.json.
-
-    Any top-level list of case names counts as a group, so folds or extra groups work too.
-    """
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CTSegError(f"{path}: cannot read split file ({exc})") from exc
-    groups: dict[str, str] = {}
-    for group, names in (data.items() if isinstance(data, dict) else ()):
-        if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            for name in names:
-                groups.setdefault(name, group)
-    if not groups:
-        raise CTSegError(f"{path}: no lists of case names found (expected e.g. {{\"train\": [...]}})")
-    return groups
-
-
 def evaluate_case(
     case, pred_path: Path, *, group: str = "all", tolerance_mm: float = 2.0,
     empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, num_classes: int | None = None,
@@ -125,26 +112,31 @@ def evaluate_case(
     metrics = segmentation_metrics(pred, truth, volume.spacing, num_classes=n_classes,
                                    tolerance_mm=tolerance_mm)
     dice = slice_dice(pred, truth, empty_threshold=empty_threshold, num_classes=n_classes)
+    truth_pixels, pred_pixels = (truth > 0).sum(axis=(1, 2)), (pred > 0).sum(axis=(1, 2))
     result = CaseResult(
         name=case.name, group=group, spacing=tuple(float(s) for s in volume.spacing), metrics=metrics,
-        positions_mm=slice_positions(volume), dice=dice,
-        truth_pixels=(truth > 0).sum(axis=(1, 2)), pred_pixels=(pred > 0).sum(axis=(1, 2)),
+        positions_mm=slice_positions(volume), dice=dice, truth_pixels=truth_pixels, pred_pixels=pred_pixels,
+        counted=counted_slices(truth_pixels, pred_pixels, empty_threshold),
     )
-    for title, k in gallery_slices(dice, result.truth_pixels, result.pred_pixels):
+    for title, k in gallery_slices(dice, result.counted):
         result.gallery.append((f"{title}: slice {k}, Dice {dice[k]:.3f}",
                                volume.array[k].copy(), truth[k] > 0, pred[k] > 0))
     return result
 
 
-def gallery_slices(dice: np.ndarray, truth_pixels: np.ndarray, pred_pixels: np.ndarray) -> list[tuple[str, int]]:
-    """Best, median and worst slice among those with truth on them (with prediction, if no truth).
+def counted_slices(truth_pixels: np.ndarray, pred_pixels: np.ndarray, empty_threshold: int) -> np.ndarray:
+    """Slices that say something about the model: truth on them, or a prediction the empty-slice
+    rule counts (at least `empty_threshold` pixels, scored 0). Slices empty in both are not."""
+    return (truth_pixels > 0) | ((pred_pixels > 0) & (pred_pixels >= empty_threshold))
 
-    Empty-truth slices are left out: they score 1 under the empty-slice rule and would always
-    be "best" while showing nothing.
+
+def gallery_slices(dice: np.ndarray, counted: np.ndarray) -> list[tuple[str, int]]:
+    """Best, median and worst of the counted slices (`counted_slices`).
+
+    A false-positive-only slice scores 0 and so is the worst one shown; slices empty in both
+    would always be "best" while showing nothing, so they are left out.
     """
-    candidates = np.flatnonzero(truth_pixels > 0)
-    if candidates.size == 0:
-        candidates = np.flatnonzero(pred_pixels > 0)
+    candidates = np.flatnonzero(counted)
     if candidates.size == 0:
         return []
     order = candidates[np.argsort(dice[candidates], kind="stable")]
@@ -212,11 +204,13 @@ def read_prediction_status(pred_dir: Path) -> dict[str, str]:
 def evaluate_predictions(
     pred_dir: Path, truth_dir: Path, output: Path, *, tolerance_mm: float = 2.0,
     empty_threshold: int = DEFAULT_EMPTY_THRESHOLD, split: Path | None = None,
-    num_classes: int | None = None,
+    num_classes: int | None = None, run: Path | None = None,
 ) -> dict:
     """Score every matched case and write cases.csv, slices.csv, summary.json, report.md + PNGs.
 
-    Returns the summary (also written as summary.json).
+    `run` (a run folder) or `split` (its split.json) groups the cases by what they did in
+    training; without either the summary says the groups are unknown. Returns the summary (also
+    written as summary.json).
     """
     output = check_writable_dir(output)
     status = read_prediction_status(pred_dir)
@@ -228,7 +222,8 @@ def evaluate_predictions(
     if not matched:
         raise CTSegError(f"{log_text(pred_dir)}: no prediction to score: predictions.csv lists "
                          f"{log_text(', '.join(failed))} as failed")
-    groups = load_split_groups(split) if split else {}
+    split = grouping.split_path(run, split)
+    groups = grouping.load_split_groups(split) if split else {}
     for name in failed:
         log.warning("case %s failed in ctseg predict (predictions.csv): reported as failed, not scored",
                     log_text(name))
@@ -243,23 +238,22 @@ def evaluate_predictions(
     for case, pred_path in matched:
         name = case.name
         log.info("evaluating %s", log_text(name))
-        group = groups.get(name, "other") if groups else "all"
+        group = grouping.case_group(name, groups)
         result = evaluate_case(case, pred_path, group=group, tolerance_mm=tolerance_mm,
                                empty_threshold=empty_threshold, num_classes=num_classes)
         figure_paths["slice_dice"].append(figures.slice_dice_plot(
             name, result.positions_mm, result.dice, result.truth_pixels > 0, empty_threshold,
-            fig_dir / f"slice_dice_{name}.png"))
+            fig_dir / f"slice_dice_{name}.png", counted=result.counted))
         if result.gallery:
             figure_paths["gallery"].append(figures.slice_gallery(
                 name, result.gallery, result.spacing[1:], fig_dir / f"slices_{name}.png"))
         result.gallery = []  # the CT slices are no longer needed
         results.append(result)
 
-    by_group: dict[str, list[np.ndarray]] = {}
-    for r in results:
-        by_group.setdefault(r.group, []).append(r.dice)
-    histogram = figures.dice_histogram({g: np.concatenate(v) for g, v in by_group.items()},
-                                       fig_dir / "slice_dice_histogram.png")
+    histogram = figures.dice_histogram(
+        {g: values for g in grouping.ordered(r.group for r in results)
+         if (values := np.concatenate([r.dice[r.counted] for r in results if r.group == g])).size},
+        fig_dir / "slice_dice_histogram.png", title="Per-slice Dice (slices empty in both left out)")
 
     metric_keys = list(dict.fromkeys(k for r in results for k in r.metrics))
     summary = {
@@ -269,18 +263,14 @@ def evaluate_predictions(
         "empty_slice_rule": ("per-slice Dice is 1 when truth is empty and the prediction has no pixels "
                              f"or fewer than {empty_threshold}; 0 when truth is empty and it has more"),
         "metrics": summarize((r.metrics for r in results), metric_keys),
-        "slice_dice": summarize(({"dice": float(d)} for r in results for d in r.dice), ["dice"])["dice"],
+        "slice_dice": _slice_summary(results),
         "unmatched_predictions": unmatched_preds,
         "cases_without_prediction": missing_preds,
         "failed_predictions": failed,
     }
-    if groups:
-        summary["groups"] = {
-            g: {"cases": [r.name for r in results if r.group == g],
-                "metrics": summarize((r.metrics for r in results if r.group == g), metric_keys),
-                "slice_dice": summarize(({"dice": float(d)} for d in np.concatenate(v)), ["dice"])["dice"]}
-            for g, v in by_group.items()
-        }
+    summary.update(_grouped(results, metric_keys, split))
+    if not groups:
+        log.warning("%s", grouping.POOLED_WARNING)
 
     atomic_write_text(output / "cases.csv", _csv(
         list(CASE_COLUMNS) + metric_keys,
@@ -289,12 +279,43 @@ def evaluate_predictions(
     atomic_write_text(output / "slices.csv", _csv(
         SLICE_COLUMNS,
         ({"case": r.name, "group": r.group, "slice": k, "position_mm": round(float(r.positions_mm[k]), 3),
-          "dice": float(r.dice[k]), "truth_pixels": int(r.truth_pixels[k]), "pred_pixels": int(r.pred_pixels[k])}
+          "dice": float(r.dice[k]), "truth_pixels": int(r.truth_pixels[k]), "pred_pixels": int(r.pred_pixels[k]),
+          "counted": int(r.counted[k])}
          for r in results for k in range(len(r.dice)))))
     atomic_write_text(output / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
     atomic_write_text(output / "report.md", _report(summary, results, metric_keys, figure_paths, histogram,
                                                     output, Path(pred_dir), Path(truth_dir)))
     return summary
+
+
+def _slice_summary(results: list[CaseResult]) -> dict:
+    """Per-slice Dice summary over the counted slices, with how many slices were left out and why."""
+    out = summarize(({"dice": float(d)} for r in results for d in r.dice[r.counted]), ["dice"])["dice"]
+    out["false_positive_only"] = int(sum(((r.truth_pixels == 0) & r.counted).sum() for r in results))
+    out["empty_in_both_excluded"] = int(sum((~r.counted).sum() for r in results))
+    return out
+
+
+def _grouped(results: list[CaseResult], metric_keys: list[str], split: Path | None) -> dict:
+    """Summary entries per group (train, val, test, unseen; or one pooled `all` without a split)
+    and the held-out summary, which averages only the groups that influenced nothing."""
+    def block(members: list[CaseResult]) -> dict:
+        return {"cases": [r.name for r in members],
+                "metrics": summarize((r.metrics for r in members), metric_keys),
+                "slice_dice": _slice_summary(members)}
+
+    groups = {}
+    for g in grouping.ordered(r.group for r in results):
+        groups[g] = {"role": grouping.role(g), "held_out": grouping.is_held_out(g),
+                     **block([r for r in results if r.group == g])}
+    held_out = [r for r in results if grouping.is_held_out(r.group)]
+    return {
+        "grouping": {"split": str(split) if split else None,
+                     "held_out_groups": list(grouping.HELD_OUT_GROUPS) if split else [],
+                     "warning": None if split else grouping.POOLED_WARNING},
+        "groups": groups,
+        "held_out": block(held_out) if held_out else None,
+    }
 
 
 def format_value(value) -> str:
@@ -330,6 +351,35 @@ def _json_safe(value):
     return value
 
 
+def _counted_note(summary: dict) -> str:
+    """One sentence on which slices the per-slice figures count."""
+    sd = summary["slice_dice"]
+    return (f"{sd['n']} slices: those with truth and those where the model predicted something "
+            f"without truth ({sd['false_positive_only']}, Dice 0); {sd['empty_in_both_excluded']} "
+            "slices empty in both are left out")
+
+
+def _group_lines(summary: dict) -> list[str]:
+    """The report's per-group table and the held-out line (or why there is none)."""
+    lines = ["", "## By group (what each case did in training)", "",
+             "| group | role | cases | volume Dice mean | worst case Dice | per-slice Dice mean |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for g, s in summary["groups"].items():
+        dice = s["metrics"].get("dice", {})
+        lines.append(f"| {g} | {s['role']} | {len(s['cases'])} | {format_value(dice.get('mean'))} "
+                     f"| {format_value(dice.get('min'))} | {format_value(s['slice_dice']['mean'])} |")
+    held = summary["held_out"]
+    if held is not None:
+        dice = held["metrics"].get("dice", {})
+        lines.append(f"\n**Held-out volume Dice** ({len(held['cases'])} case(s) that influenced nothing: "
+                     f"{', '.join(held['cases'])}): mean {format_value(dice.get('mean'))}, sd {format_value(dice.get('sd'))}, "
+                     f"worst {format_value(dice.get('min'))}.")
+    elif not summary["grouping"]["warning"]:
+        lines.append("\n**No held-out case**: every scored case was trained on or picked the checkpoint; "
+                     "no figure here estimates performance on new patients.")
+    return lines
+
+
 def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
             figure_paths: dict[str, list[Path]], histogram: Path, output: Path,
             pred_dir: Path, truth_dir: Path) -> str:
@@ -347,20 +397,22 @@ def _report(summary: dict, results: list[CaseResult], metric_keys: list[str],
         lines.append(f"- cases that failed in `ctseg predict` (not scored): {', '.join(summary['failed_predictions'])}")
     if summary["cases_without_prediction"]:
         lines.append(f"- labelled cases without a prediction (not scored): {', '.join(summary['cases_without_prediction'])}")
-    lines += ["", "## Summary over cases", "",
+    lines.append(f"- per-slice figures count {_counted_note(summary)}")
+    if summary["grouping"]["warning"]:
+        lines += ["", f"> **Warning: {summary['grouping']['warning']}.**"]
+    else:
+        lines.append(f"- groups from `{summary['grouping']['split']}`; held out: "
+                     f"{' and '.join(summary['grouping']['held_out_groups'])} cases only")
+    lines += ["", "## Summary over all scored cases" + (" (pooled: train, val and test mixed)"
+                                                       if len(summary["groups"]) > 1 else ""), "",
               "| metric | mean | sd | median | min | n | non-finite |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, s in summary["metrics"].items():
         lines.append(f"| {key} | {format_value(s['mean'])} | {format_value(s['sd'])} | {format_value(s['median'])} | {format_value(s['min'])} "
                      f"| {s['n']} | {s['non_finite']} |")
     sd = summary["slice_dice"]
-    lines.append(f"| per-slice Dice (all slices) | {format_value(sd['mean'])} | {format_value(sd['sd'])} | {format_value(sd['median'])} "
+    lines.append(f"| per-slice Dice (counted slices) | {format_value(sd['mean'])} | {format_value(sd['sd'])} | {format_value(sd['median'])} "
                  f"| {format_value(sd['min'])} | {sd['n']} | {sd['non_finite']} |")
-    if "groups" in summary:
-        lines += ["", "## By split group", "", "| group | cases | volume Dice mean | per-slice Dice mean |",
-                  "| --- | --- | --- | --- |"]
-        for g, s in summary["groups"].items():
-            lines.append(f"| {g} | {len(s['cases'])} | {format_value(s['metrics']['dice']['mean'])} "
-                         f"| {format_value(s['slice_dice']['mean'])} |")
+    lines += _group_lines(summary)
     shown = [k for k in OVERLAP_METRICS + DISTANCE_METRICS if k in metric_keys]
     lines += ["", "## Per case", "", "| case | group | slices | " + " | ".join(shown) + " |",
               "| --- | --- | --- | " + " | ".join("---" for _ in shown) + " |"]

@@ -30,15 +30,21 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def slice_dice_plot(
     case: str, positions_mm: np.ndarray, dice: np.ndarray, truth_present: np.ndarray,
-    empty_threshold: int, path: Path,
+    empty_threshold: int, path: Path, *, counted: np.ndarray,
 ) -> Path:
-    """Per-slice Dice along the scan axis; slices without truth are drawn hollow."""
+    """Per-slice Dice along the scan axis; slices without truth are drawn hollow, and those where
+    the model predicted without truth (`counted`, scored 0) as red crosses."""
     fig = Figure(figsize=(7, 3))
     ax = fig.add_subplot()
     ax.plot(positions_mm, dice, color="0.6", linewidth=0.8)
     ax.scatter(positions_mm[truth_present], dice[truth_present], s=10, color="C0", label="truth on slice")
-    ax.scatter(positions_mm[~truth_present], dice[~truth_present], s=10, facecolors="none",
-               edgecolors="C1", label=f"no truth (prediction < {empty_threshold} px counts as empty)")
+    false_positive = ~truth_present & counted
+    empty = ~truth_present & ~false_positive
+    ax.scatter(positions_mm[empty], dice[empty], s=10, facecolors="none", edgecolors="C1",
+               label=f"empty in both (prediction < {empty_threshold} px counts as empty)")
+    if false_positive.any():
+        ax.scatter(positions_mm[false_positive], dice[false_positive], s=18, marker="x", color=PRED_COLOUR,
+                   label="prediction without truth")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("slice position along the scan axis (mm)")
     ax.set_ylabel("Dice")

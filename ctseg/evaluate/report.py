@@ -59,6 +59,7 @@ def write_run_report(run_dir: Path, output: Path | None = None) -> Path:
         if key in metrics:
             value = metrics[key]
             lines.append(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}")
+    lines += _split_lines(run_dir, metrics, get(config, "train.selection", "best"))
     lines += ["", f"![training curves]({curves.name})", "", "## History", ""]
     keys = list(history)
     lines += ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]
@@ -67,6 +68,28 @@ def write_run_report(run_dir: Path, output: Path | None = None) -> Path:
     report = output / "report.md"
     atomic_write_text(report, "\n".join(lines) + "\n")
     return report
+
+
+def _split_lines(run_dir: Path, metrics: dict, selection: str) -> list[str]:
+    """What the validation Dice is and is not: its cases picked the checkpoint, so it is not held out."""
+    try:
+        split = json.loads((run_dir / "split.json").read_text())
+    except (OSError, ValueError):
+        split = {}
+    split = split if isinstance(split, dict) else {}
+    val, test = split.get("val") or [], split.get("test") or []
+    lines = []
+    if "best_val_dice" in metrics and selection == "last":
+        lines.append(f"- the last epoch was kept (train.selection: last); the validation case(s) "
+                     f"({', '.join(val) or 'none'}) may still have driven the LR schedule or stopping, "
+                     "so best_val_dice is not a held-out figure")
+    elif "best_val_dice" in metrics:
+        lines.append(f"- best_val_dice is selection-biased: the validation case(s) ({', '.join(val) or 'see split.json'}) "
+                     "picked the best checkpoint, so it is not a held-out figure")
+    if test:
+        lines.append(f"- held-out test case(s), never loaded by training: {', '.join(test)}; score them with "
+                     f"`ctseg evaluate --run {run_dir}`")
+    return lines
 
 
 def _cell(value: float) -> str:

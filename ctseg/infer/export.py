@@ -17,6 +17,10 @@ no measured figures). The export fills in what belongs to the run:
 - configs/metadata.json (schema 20240725): versions, network format, metrics; the version is the
   previous export's (or the template's) with the patch number bumped, and a changelog line added;
 - docs/README.md: the part between the `ctseg-export` markers (training run, measured metrics);
+- honest labels in both: a figure called held-out averages only cases that influenced nothing
+  (`test`, or not in the run's split); validation cases picked the checkpoint and are reported as
+  selection-biased; training cases enter no mean. With `cv_dir`, the `ctseg cv` figures (read from
+  its summary.json, not recomputed) are reported with how they were obtained;
 - models/model.pt (state_dict), model.ts (TorchScript) and model.pt2 (`torch.export`);
   large_files.yml lists them with their SHA-256, as MONAI's `download_large_files` reads it.
 
@@ -48,6 +52,7 @@ import yaml
 
 from ctseg.config import get
 from ctseg.errors import ConfigError, CTSegError, ModelError
+from ctseg.evaluate.groups import HELD_OUT_GROUPS, UNSEEN
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_settings, postprocess_steps
 from ctseg.infer.predictor import AUTO_BATCH, num_classes
@@ -83,11 +88,13 @@ MODEL_FILES = ("models/model.pt", "models/model.ts", "models/model.pt2")
 
 def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
                   evaluate_dir: str | Path | None = None, overwrite: bool = False,
-                  template: Path = TEMPLATE_DIR) -> Path:
+                  template: Path = TEMPLATE_DIR, cv_dir: str | Path | None = None) -> Path:
     """Write the bundle for `run_dir` (best checkpoint) to `output` (default RUN_DIR/lung_ct_segmentation).
 
     With `evaluate_dir` (a labelled case folder), the exported model is run on its cases and the
-    per-case Dice, HD95 and surface Dice go into the model card and metadata.
+    per-case Dice, HD95 and surface Dice go into the model card; the metadata gets the mean over
+    held-out cases only. With `cv_dir` (a `ctseg cv` output folder), the card and metadata report
+    its cross-validation figures.
     """
     run_dir = Path(run_dir)
     output = Path(output) if output is not None else run_dir / BUNDLE_NAME
@@ -98,7 +105,7 @@ def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
     if loaded.network is None:
         raise ModelError(f"{run_dir}: only registry networks can be bundled")
     run = {"name": run_dir.resolve().name, "metrics": _read_json(run_dir / "metrics.json"),
-           "split": _read_json(run_dir / "split.json")}
+           "split": _read_json(run_dir / "split.json"), "cv": read_cv_summary(Path(cv_dir)) if cv_dir else None}
     evaluation = evaluate_model(loaded, Path(evaluate_dir), run["split"]) if evaluate_dir else []
 
     ctseg_config = bundle_ctseg_config(loaded.config)
@@ -327,17 +334,74 @@ def bundle_metadata(template: dict, loaded: LoadedModel, ctseg_config: dict, run
         "pred_classes": "one uint8 label map per CT series, on the CT's own voxel grid: "
                         + ", ".join(f"{c} is {name}" for c, name in labels.items()),
     })
-    metrics = run["metrics"] or {}
-    eval_metrics = {}
-    if metrics.get("best_val_dice") is not None:
-        eval_metrics["val_mean_dice"] = round(float(metrics["best_val_dice"]), 4)
-    if evaluation:
-        eval_metrics["mean_dice"] = round(float(np.mean([e["dice"] for e in evaluation])), 4)
-        held_out = [e["dice"] for e in evaluation if e["group"] in ("val", "test")]
-        if held_out:
-            eval_metrics["held_out_mean_dice"] = round(float(np.mean(held_out)), 4)
-    meta["eval_metrics"] = eval_metrics
+    meta["eval_metrics"], meta["eval_metrics_method"] = eval_metrics(run, evaluation)
     return meta
+
+
+def eval_metrics(run: dict, evaluation: list[dict]) -> tuple[dict, dict]:
+    """metadata.json's `eval_metrics` and a sentence per figure on how it was obtained.
+
+    No mean includes a training case: `held_out_*` average test/unseen cases only, the best
+    validation Dice is named selection-biased, and `cv_*` come from `ctseg cv`'s summary.json.
+    """
+    figures: dict[str, float] = {}
+    method: dict[str, str] = {}
+    best_val = (run["metrics"] or {}).get("best_val_dice")
+    if best_val is not None:
+        figures["val_dice_selection_biased"] = round(float(best_val), 4)
+        method["val_dice_selection_biased"] = (
+            "Dice on the run's validation case(s), which also picked this checkpoint: selection-biased, "
+            "not an estimate for new patients")
+    held_out = [e for e in evaluation if e["group"] in HELD_OUT_GROUPS]
+    if held_out:
+        dice = [e["dice"] for e in held_out]
+        figures.update(held_out_mean_dice=round(float(np.mean(dice)), 4),
+                       held_out_worst_dice=round(float(np.min(dice)), 4), held_out_cases=len(held_out))
+        method["held_out_mean_dice"] = (
+            "this export run by `ctseg export-bundle --evaluate` on labelled cases the run never loaded "
+            f"(its split's test list, or not in its split): {', '.join(e['case'] for e in held_out)}")
+    cv = run.get("cv")
+    if cv:
+        stats = cv["metrics"]
+        figures.update(cv_mean_dice=_round(stats["dice"]["mean"]), cv_sd_dice=_round(stats["dice"].get("sd")),
+                       cv_worst_dice=_round(stats["dice"]["min"]), cv_folds=int(cv["folds"]),
+                       cv_cases=int(cv["cases"]))
+        for key in ("hd95_mm", "nsd"):
+            if key in stats:
+                figures[f"cv_mean_{key}"] = _round(stats[key].get("mean"))
+        method["cv_mean_dice"] = cv_method(cv)
+    return {k: v for k, v in figures.items() if v is not None}, method
+
+
+def _round(value: Any) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) else None
+
+
+def read_cv_summary(cv_dir: Path) -> dict:
+    """`ctseg cv`'s summary.json, checked for the fields the card reports (read, not recomputed)."""
+    path = cv_dir / "summary.json"
+    summary = _read_json(path)
+    if summary is None:
+        raise CTSegError(f"{path}: missing or unreadable; --cv takes the output folder of `ctseg cv`")
+    try:
+        dice = summary["metrics"]["dice"]
+        ok = (isinstance(summary["method"], str) and int(summary["folds"]) > 0 and int(summary["cases"]) > 0
+              and all(isinstance(dice[k], (int, float)) for k in ("mean", "min"))
+              and isinstance(summary["worst_case"]["case"], str))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CTSegError(f"{path}: not a `ctseg cv` summary (expected method, folds, cases, "
+                         "metrics.dice.mean/min and worst_case)")
+    return {**summary, "source": cv_dir.resolve().name}
+
+
+def cv_method(cv: dict) -> str:
+    """How the CV figures were obtained, in one sentence for the card and metadata."""
+    return (f"`ctseg cv` ({cv['method']}, {cv['folds']} folds, {cv['cases']} cases, folder `{cv['source']}`): "
+            "each case segmented by the fold that never loaded it, whose checkpoint, learning rate and "
+            "stopping came only from its own training cases; figures are over cases (sd: sample) and "
+            "describe the training recipe, of which this export is one run")
 
 
 def bump_patch(version: str) -> str:
@@ -458,7 +522,7 @@ def evaluate_model(loaded: LoadedModel, case_dir: Path, split: dict | None) -> l
             case_result = evaluate_case(cases[result.case], result.output,
                                         num_classes=num_classes(loaded.config))
             m = case_result.metrics
-            rows.append({"case": result.case, "group": groups.get(result.case, "unseen"),
+            rows.append({"case": result.case, "group": groups.get(result.case, UNSEEN),
                          "slices": result.slices, "dice": float(m["dice"]),
                          "hd95_mm": float(m.get("hd95_mm", float("nan"))),
                          "nsd": float(m.get("nsd", float("nan")))})
@@ -500,23 +564,52 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
             for group in ("train", "val", "test") if split.get(group) is not None) + ".")
     if metrics:
         lines.append(f"- Training: {metrics.get('epochs', '?')} epochs, best validation Dice "
-                     f"{_fmt(metrics.get('best_val_dice'))} at epoch {metrics.get('best_epoch', '?')}, "
+                     f"{_fmt(metrics.get('best_val_dice'))} at epoch {metrics.get('best_epoch', '?')} "
+                     "(selection-biased: the validation case(s) picked this checkpoint), "
                      f"{_fmt(metrics.get('train_seconds'), '.0f')} s, "
                      f"{_fmt(metrics.get('slices_per_second'), '.1f')} slices/s.")
+    if run.get("cv"):
+        lines += cv_lines(run["cv"])
     if evaluation:
-        lines += ["", "Measured with this export (`ctseg export-bundle --evaluate`), through the same "
-                  "inference path as the bundle, at each CT's original resolution:", "",
-                  "| case | group | slices | Dice | HD95 (mm) | surface Dice (2 mm) |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for e in evaluation:
-            lines.append(f"| {e['case']} | {e['group']} | {e['slices']} | {e['dice']:.4f} | "
-                         f"{e['hd95_mm']:.2f} | {e['nsd']:.4f} |")
-        lines.append(f"| mean | | | {np.mean([e['dice'] for e in evaluation]):.4f} | "
-                     f"{np.nanmean([e['hd95_mm'] for e in evaluation]):.2f} | "
-                     f"{np.nanmean([e['nsd'] for e in evaluation]):.4f} |")
-        lines += ["", "Cases in the `train` group were seen in training; only `val`/`test` "
-                  "rows estimate performance on new patients."]
+        lines += evaluation_lines(evaluation)
     return "\n".join(lines) + "\n"
+
+
+def cv_lines(cv: dict) -> list[str]:
+    """The card's cross-validation figures, as `ctseg cv` wrote them."""
+    stats, worst = cv["metrics"], cv["worst_case"]
+    dice = stats["dice"]
+    lines = ["", "### Cross-validation", "",
+             f"Volume Dice mean {_fmt(dice['mean'])}, sd {_fmt(dice.get('sd'))}, worst case "
+             f"{_fmt(dice['min'])} (`{worst['case']}`, fold {worst.get('fold', '?')}), best {_fmt(dice.get('max'))}"
+             + (f"; HD95 mean {_fmt(stats['hd95_mm'].get('mean'), '.2f')} mm" if "hd95_mm" in stats else "")
+             + (f"; surface Dice (2 mm) mean {_fmt(stats['nsd'].get('mean'))}" if "nsd" in stats else "") + ".",
+             "", f"How obtained: {cv_method(cv)}."]
+    return lines
+
+
+def evaluation_lines(evaluation: list[dict]) -> list[str]:
+    """The card's per-case table, labelled by what each case did in training, and the held-out mean."""
+    roles = {"train": "trained on", "val": "validation (picked the checkpoint)",
+             "test": "held out", UNSEEN: "held out (not in the split)"}
+    lines = ["", "### Measured with this export", "",
+             "Measured by `ctseg export-bundle --evaluate`, through the same inference path as the bundle, "
+             "at each CT's original resolution:", "",
+             "| case | group | slices | Dice | HD95 (mm) | surface Dice (2 mm) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for e in evaluation:
+        lines.append(f"| {e['case']} | {roles.get(e['group'], e['group'])} | {e['slices']} | {e['dice']:.4f} | "
+                     f"{e['hd95_mm']:.2f} | {e['nsd']:.4f} |")
+    held_out = [e for e in evaluation if e["group"] in HELD_OUT_GROUPS]
+    if held_out:
+        lines.append(f"| held-out mean ({len(held_out)}) | | | {np.mean([e['dice'] for e in held_out]):.4f} | "
+                     f"{np.nanmean([e['hd95_mm'] for e in held_out]):.2f} | "
+                     f"{np.nanmean([e['nsd'] for e in held_out]):.4f} |")
+    lines += ["", "Only held-out rows estimate performance on new patients, and only they enter a mean: "
+              "training cases were learned, and validation cases picked the checkpoint (selection-biased)."
+              + ("" if held_out else " **None of these cases is held out**, so this table gives no "
+                 "held-out figure.")]
+    return lines
 
 
 def _describe_step(step: tuple[str, dict]) -> str:
@@ -529,7 +622,7 @@ def _describe_step(step: tuple[str, dict]) -> str:
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    return format(float(value), spec) if isinstance(value, (int, float)) else "?"
+    return format(float(value), spec) if isinstance(value, (int, float)) else "n/a"
 
 
 # --------------------------------------------------------------------------- models
