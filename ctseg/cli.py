@@ -440,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run a study experiment pipeline (pipelines/experiments/NAME.yaml)")
     p.add_argument("name", help="versions, noise, train_size, or a pipeline YAML path")
-    p.add_argument("--size", default="auto", help="a size of the pipeline: smoke, cpu, gpu (auto: gpu with CUDA)")
+    p.add_argument("--size", default="auto",
+                   help="a size of the pipeline: cpu (2 cores), gpu (the study's budget), smoke (seconds; "
+                        "report beside the runs); auto: gpu with CUDA, else cpu")
     p.add_argument("--runs-root", type=Path, default=Path("runs"), help="runs and the MLflow store live here")
     p.add_argument("--output", type=Path, default=None,
                    help="folder for the run folders (default RUNS_ROOT/experiments/NAME-SIZE-TIME)")

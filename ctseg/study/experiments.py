@@ -1,25 +1,37 @@
 """The study's experiments as YAML pipelines: `ctseg experiment NAME` / `make experiment NAME=...`.
 
-A pipeline (`pipelines/experiments/<name>.yaml`) names a base training config, the overrides
-every run shares (the budget), the runs (each with its own overrides) and optional sweeps, the
-validation conditions (Gaussian noise in HU added to the validation CT) and per-machine sizes:
+Why a runner of its own: a difference between two trainings is only a finding when it exceeds the
+difference between two seeds of one training. Every condition of a pipeline is therefore trained
+on the patient folds of `ctseg cv` (`ctseg.study.cv.plan_folds`: each case is a test case exactly
+once, in a fold that never loaded it) with several seeds, scored on the fold's test cases, and
+reported as mean ± sd with a paired comparison against a baseline run (`ctseg.study.paired`).
+
+A pipeline (`pipelines/experiments/<name>.yaml`):
 
     title: ...
-    config: pipelines/train.yaml     # base training config (relative to the repository root)
+    config: pipelines/train.yaml     # optional base training config (relative to the repository root)
     base: {train: {epochs: 5}}       # shared settings, merged over `config`
     case_dir: ../shared/data/lctsc   # null: the built-in phantom of the config's `phantom` section
+    seeds: [0, 1, 2]                 # train.seed of each repetition
+    folds: null                      # patient folds (null: ctseg cv's default for the case count)
+    baseline: ver1                   # the run every other run is compared with, pair by pair
     runs:   [{name: ver1, label: "UNet", overrides: {model.name: unet}}]
     sweeps: [{param: train_slices, values: [5, 10]}, {param: train_cases, values: [1, 2]}]
-    conditions: [{name: clean, noise_hu: 0}, {name: noisy, noise_hu: 50}]
+    run_overrides: {ver5: {train.epochs: 10}}   # per-run settings (e.g. inside one size)
+    conditions: [{name: clean, noise_hu: 0}, {name: study, noise_fraction: 0.0763}]
     timing_repeats: 10               # forward passes timed for ms / slice (median)
     sizes:  {smoke: {...}, cpu: {...}, gpu: {...}}   # merged over the top level
 
-Sweep parameters: `train_slices` trains on that many foreground slices spread evenly over the
-training cases (written once as a NIfTI subset case beside the run folders), `train_cases` on the
-first N training cases; the validation cases stay fixed. Every run trains through
-`ctseg.train.train`, logs to one MLflow experiment (`ctseg-<name>`), is measured through the
-inference path of `ctseg predict` under each condition (the measures are added to its MLflow
-run), and the table and plot go to `docs/experiments/<name>.md`.
+Conditions add Gaussian noise to the test CT before inference: `noise_hu` gives its SD in HU,
+`noise_fraction` as a share of the HU window width (`data.window`, the range the network sees as
+[0, 1]). Sweep parameters: `train_slices` trains on that many slices of the fold's training
+cases, taken evenly along z within each case in proportion to its slice count, so lung-free
+slices keep each case's natural share (written once as NIfTI subset cases beside the run
+folders); `train_cases` on the first N training cases of the fold. Every training goes through
+`ctseg.train.train`, logs to one MLflow experiment (`ctseg-<name>`), is scored through the
+inference path of `ctseg predict` under each condition (the scores are added to its MLflow run),
+and the tables and plots go between the generated-part markers of `docs/experiments/<name>.md`;
+text outside the markers (notes written by hand) is kept.
 """
 
 from __future__ import annotations
@@ -39,25 +51,31 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from matplotlib.figure import Figure
 
-from ctseg.config import apply_overrides, get, load_config, read_yaml_file
+from ctseg.config import apply_overrides, get, load_config, read_yaml_file, resolve_config
 from ctseg.data import discover_cases
 from ctseg.data.cache import cache_case, load_case_volume
 from ctseg.data.phantom import ensure_phantom
-from ctseg.data.split import make_split
 from ctseg.errors import ConfigError
-from ctseg.evaluate import figures
 from ctseg.evaluate.report import read_run
+from ctseg.infer.model_loader import LAST, load_model
 from ctseg.io import load_mask, save_nifti
-from ctseg.infer.model_loader import load_model
-from ctseg.study.compare import mean_metrics, measure_cases, run_case_dir, run_facts, validation_cases
+from ctseg.study.compare import mean_metrics, measure_cases, run_facts
+from ctseg.study.cv import default_folds, fold_config, plan_folds
+from ctseg.study.paired import paired, spread
 from ctseg.train import train
-from ctseg.utils import atomic_write_text, pick_device
+from ctseg.utils import atomic_path, atomic_write_text, pick_device
 
 log = logging.getLogger(__name__)
 
 SWEEP_PARAMS = ("train_slices", "train_cases")
 SIZES_AUTO = "auto"
+GENERATED_START = "<!-- generated:start (ctseg experiment writes only between these markers) -->"
+GENERATED_END = "<!-- generated:end -->"
+#: Written into a run folder once its training is scored: a rerun reuses it instead of retraining.
+DONE = "experiment.json"
+METRICS = ("dice", "raw_dice", "accuracy", "slice_dice")
 
 
 @dataclass
@@ -117,7 +135,31 @@ def load_pipeline(path: Path, size: str = SIZES_AUTO) -> dict:
     spec.setdefault("name", Path(path).stem)
     if not spec.get("runs") and not spec.get("sweeps"):
         raise ConfigError(f"{path}: an experiment needs `runs` or `sweeps`")
+    seeds = spec.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: `seeds` must be a list of distinct non-negative integers, got {seeds!r}")
+    folds = spec.get("folds")
+    if folds is not None and (not isinstance(folds, int) or folds < 2):
+        raise ConfigError(f"{path}: `folds` must be an integer >= 2 or null, got {folds!r}")
+    for cond in spec.get("conditions") or []:
+        noise_sd(cond, {"data": {"window": [0, 1]}})  # refuses a malformed condition before training
     return spec
+
+
+def noise_sd(condition: dict, config: dict) -> float:
+    """The condition's noise SD in HU: `noise_hu`, or `noise_fraction` of the HU window width."""
+    given = [k for k in ("noise_hu", "noise_fraction") if condition.get(k) is not None]
+    if "name" not in condition or len(given) > 1:
+        raise ConfigError(f"experiment condition {condition}: needs a name and at most one of "
+                          "noise_hu, noise_fraction")
+    value = float(condition.get(given[0], 0.0)) if given else 0.0
+    if value < 0:
+        raise ConfigError(f"experiment condition {condition['name']!r}: noise must be >= 0, got {value}")
+    if given == ["noise_fraction"]:
+        lo, hi = get(config, "data.window", [-1000, 400])
+        return value * (float(hi) - float(lo))
+    return value
 
 
 def _overrides(mapping: dict | None) -> list[str]:
@@ -130,12 +172,15 @@ def plan_runs(spec: dict, root: Path) -> list[PlannedRun]:
     """Every run of the pipeline with its complete training config.
 
     A run's config: its own `config` file (else the pipeline's), then the pipeline's `base` and
-    `overrides` (the shared budget), then the run's `overrides`.
+    `overrides` (the shared budget), then the run's `overrides`, then `run_overrides[name]`.
     """
-    def config_for(config_path: str | None, run_overrides: dict | None) -> dict:
+    per_run = spec.get("run_overrides") or {}
+
+    def config_for(name: str, config_path: str | None, run_overrides: dict | None) -> dict:
         config = load_config(root / config_path) if config_path else {}
         config = _merge(config, spec.get("base") or {})
-        config = apply_overrides(config, _overrides(spec.get("overrides")) + _overrides(run_overrides))
+        config = apply_overrides(config, _overrides(spec.get("overrides")) + _overrides(run_overrides)
+                                 + _overrides(per_run.get(name)))
         config.setdefault("tracking", {})["experiment"] = f"ctseg-{spec['name']}"
         return config
 
@@ -143,92 +188,91 @@ def plan_runs(spec: dict, root: Path) -> list[PlannedRun]:
     for run in spec.get("runs") or []:
         if "name" not in run:
             raise ConfigError(f"experiment {spec['name']}: every run needs a name ({run})")
-        config = config_for(run.get("config") or spec.get("config"), run.get("overrides"))
-        planned.append(PlannedRun(str(run["name"]), str(run.get("label", run["name"])), config))
+        name = str(run["name"])
+        config = config_for(name, run.get("config") or spec.get("config"), run.get("overrides"))
+        planned.append(PlannedRun(name, str(run.get("label", name)), config))
     for sweep in spec.get("sweeps") or []:
         param = sweep.get("param")
         if param not in SWEEP_PARAMS:
             raise ConfigError(f"experiment {spec['name']}: sweep param must be one of {SWEEP_PARAMS}, got {param!r}")
         for value in sweep.get("values") or []:
-            planned.append(PlannedRun(f"{param}_{value}", f"{param} = {value}",
-                                      config_for(spec.get("config"), sweep.get("overrides")), param, int(value)))
+            name = f"{param}_{value}"
+            planned.append(PlannedRun(name, f"{param} = {value}",
+                                      config_for(name, spec.get("config"), sweep.get("overrides")), param, int(value)))
     names = [p.name for p in planned]
     if len(set(names)) != len(names):
         raise ConfigError(f"experiment {spec['name']}: run names repeat: {names}")
+    unknown = sorted(set(per_run) - set(names))
+    if unknown:
+        raise ConfigError(f"experiment {spec['name']}: run_overrides for unknown run(s) {unknown}")
+    if spec.get("baseline") is not None and spec["baseline"] not in names:
+        raise ConfigError(f"experiment {spec['name']}: baseline {spec['baseline']!r} is not a run ({names})")
+    if len({json.dumps(get(p.config, "split") or {}, sort_keys=True) for p in planned}) > 1:
+        raise ConfigError(f"experiment {spec['name']}: every run must share one `split` section "
+                          "(the folds are planned once for all of them)")
     return planned
 
 
 # --------------------------------------------------------------------------- training-set sizes
 
-def _base_split(cases: list, config: dict) -> dict:
-    split = make_split([c.name for c in cases], get(config, "split") or {})
-    if not split["val"]:
-        raise ConfigError("train_size sweeps need validation cases (split.val or split.val_fraction)")
-    return split
+def subset_slices(depths: list[int], n: int) -> list[tuple[int, int]]:
+    """n (case, slice) picks over cases of the given depths: each case gets a share proportional to
+    its slice count (largest remainder), taken at the midpoints of equal steps along z (not at
+    the two ends, which a small subset would over-weight), so the lung-free slices at the ends of
+    each scan keep their natural share."""
+    total = sum(depths)
+    n = min(n, total)
+    exact = np.array(depths, dtype=float) * n / total
+    share = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - share), kind="stable")[: n - int(share.sum())]:
+        share[i] += 1
+    return [(c, int(z)) for c, (depth, k) in enumerate(zip(depths, share)) if k
+            for z in ((np.arange(k) + 0.5) * depth / k).astype(int)]
 
 
-def write_slice_subsets(cases: list, split: dict, counts: list[int], folder: Path) -> Path:
-    """A case folder with the validation cases and one `train_slices_<n>` case per count, as NIfTI.
+def write_slice_subsets(cases: list, folds: list[dict], counts: list[int], folder: Path) -> dict:
+    """A case folder with every labelled case (as NIfTI) and, per fold and count, a
+    `fold<k>_slices<n>` case of n slices of the fold's training cases (`subset_slices`).
 
-    The n slices are foreground slices of the training cases, evenly spaced over all of them
-    in (case, slice) order, so each smaller subset is drawn from the same spread of anatomy.
-    Stacking slices of several cases into one volume is only valid for 2D training (the
-    runner refuses `data.context` > 1 for these runs).
+    Stacking slices of several cases into one volume is only valid for 2D training (the runner
+    refuses `data.context` > 1 for these runs). Returns {(fold, n): {"case", "slices", "lung_slices"}}.
     """
     by_name = {c.name: c for c in cases}
-    for name in split["val"]:
+    volumes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def case_arrays(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if name not in volumes:
+            volume = load_case_volume(by_name[name])
+            volumes[name] = (volume.array, load_mask(by_name[name].label, volume), volume.affine)
+        return volumes[name]
+
+    for name in by_name:  # the folds' test and validation cases, under their own names
         target = folder / name
         if not (target / "mask.nii.gz").is_file():
-            volume = load_case_volume(by_name[name])
-            save_nifti(volume.array, volume.affine, target / "image.nii.gz", kind="image")
-            save_nifti(load_mask(by_name[name].label, volume), volume.affine, target / "mask.nii.gz", kind="label")
-    images, masks, affine = [], [], None
-    for name in split["train"]:
-        volume = load_case_volume(by_name[name])
-        mask = load_mask(by_name[name].label, volume)
-        keep = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-        images += [volume.array[k] for k in keep]
-        masks += [mask[k] for k in keep]
-        affine = volume.affine if affine is None else affine
-    if not images:
-        raise ConfigError("train_size sweep: the training cases have no foreground slices")
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ConfigError(f"train_size sweep: training cases differ in slice size {sorted(shapes)}")
-    for n in counts:
-        if n > len(images):
-            log.warning("train_slices=%d: only %d foreground training slices exist; using all", n, len(images))
-        pick = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
-        target = folder / f"train_slices_{n}"
-        save_nifti(np.stack([images[i] for i in pick]), affine, target / "image.nii.gz", kind="image")
-        save_nifti(np.stack([masks[i] for i in pick]), affine, target / "mask.nii.gz", kind="label")
-    return folder
-
-
-def _prepare_sweeps(planned: list[PlannedRun], case_dir: Path | None, output: Path) -> dict[str, Path | None]:
-    """Fix each sweep run's split (and case folder); returns run name -> case folder to train on."""
-    folders: dict[str, Path | None] = {p.name: case_dir for p in planned}
-    sweeps = [p for p in planned if p.group in SWEEP_PARAMS]
-    if not sweeps:
-        return folders
-    root = case_dir if case_dir is not None else ensure_phantom(sweeps[0].config)
-    cases = discover_cases(root)
-    split = _base_split(cases, sweeps[0].config)
-    counts = sorted({p.value for p in sweeps if p.group == "train_slices"})
-    subsets = write_slice_subsets(cases, split, counts, output / "train_slices_cases") if counts else None
-    for p in sweeps:
-        if p.group == "train_slices":
-            if int(get(p.config, "data.context", 1)) != 1:
-                raise ConfigError(f"{p.name}: train_slices subsets stack slices of several cases; "
-                                  "they need 2D training (data.context: 1)")
-            p.config["split"] = {"train": [f"train_slices_{p.value}"], "val": list(split["val"])}
-            folders[p.name] = subsets
-        else:
-            if p.value > len(split["train"]):
-                raise ConfigError(f"{p.name}: only {len(split['train'])} training case(s) available")
-            p.config["split"] = {"train": split["train"][: p.value], "val": list(split["val"])}
-            folders[p.name] = root
-    return folders
+            image, mask, affine = case_arrays(name)
+            save_nifti(image, affine, target / "image.nii.gz", kind="image")
+            save_nifti(mask, affine, target / "mask.nii.gz", kind="label")
+    made = {}
+    for fold in folds:
+        arrays = [case_arrays(name) for name in fold["train"]]
+        shapes = {a[0].shape[1:] for a in arrays}
+        if len(shapes) > 1:
+            raise ConfigError(f"train_slices sweep: training cases differ in slice size {sorted(shapes)}")
+        for n in counts:
+            picks = subset_slices([a[0].shape[0] for a in arrays], n)
+            if len(picks) < n:
+                log.warning("train_slices=%d: fold %d has only %d training slices; using all",
+                            n, fold["fold"], len(picks))
+            name = f"fold{fold['fold']}_slices{n}"
+            masks = np.stack([arrays[c][1][z] for c, z in picks])
+            target = folder / name
+            if not (target / "mask.nii.gz").is_file():
+                save_nifti(np.stack([arrays[c][0][z] for c, z in picks]), arrays[0][2], target / "image.nii.gz",
+                           kind="image")
+                save_nifti(masks, arrays[0][2], target / "mask.nii.gz", kind="label")
+            made[(fold["fold"], n)] = {"case": name, "slices": len(picks),
+                                       "lung_slices": int(masks.reshape(len(picks), -1).any(axis=1).sum())}
+    return made
 
 
 # --------------------------------------------------------------------------- running
@@ -252,16 +296,61 @@ def _log_to_mlflow(run_dir: Path, metrics: dict[str, float], tags: dict[str, str
         log.warning("MLflow: could not add experiment measures to %s (%s: %s)", run_dir, type(exc).__name__, exc)
 
 
+@dataclass
+class _Job:
+    """One training of the experiment: a run's config on one fold with one seed."""
+
+    run: PlannedRun
+    fold: dict
+    seed: int
+    config: dict
+    case_dir: Path
+    train_slices: int | None = None  # known for slice subsets
+    lung_slices: int | None = None
+
+
+def _jobs(planned: list[PlannedRun], spec: dict, cases: list, case_dir: Path, output: Path) -> list[_Job]:
+    """Every (run, fold, seed) training with its fold's split, in the order they run."""
+    names = sorted(c.name for c in cases)
+    first = resolve_config(planned[0].config)
+    k = int(spec.get("folds") or default_folds(len(names)))
+    folds = plan_folds(names, k, first)
+    counts = sorted({p.value for p in planned if p.group == "train_slices"})
+    subsets = write_slice_subsets(cases, folds, counts, output / "train_slices_cases") if counts else {}
+    jobs = []
+    for p in planned:
+        if p.group == "train_slices" and int(get(p.config, "data.context", 1)) != 1:
+            raise ConfigError(f"{p.name}: train_slices subsets stack slices of several cases; "
+                              "they need 2D training (data.context: 1)")
+        for fold in folds:
+            for seed in spec["seeds"]:
+                config = fold_config(resolve_config(apply_overrides(p.config, [f"train.seed={seed}"])), fold)
+                job = _Job(p, fold, seed, config, case_dir)
+                if p.group == "train_slices":
+                    subset = subsets[(fold["fold"], p.value)]
+                    config["split"]["train"] = [subset["case"]]
+                    job.case_dir = output / "train_slices_cases"
+                    job.train_slices, job.lung_slices = subset["slices"], subset["lung_slices"]
+                elif p.group == "train_cases":
+                    if p.value > len(fold["train"]):
+                        raise ConfigError(f"{p.name}: fold {fold['fold']} has only {len(fold['train'])} "
+                                          "training case(s)")
+                    config["split"]["train"] = fold["train"][: p.value]
+                jobs.append(job)
+    return jobs
+
+
 def run_experiment(
     name: str | Path, size: str = SIZES_AUTO, runs_root: Path = Path("runs"), output: Path | None = None,
     doc_dir: Path | None = None, device: str | None = None, search: Path | None = None,
 ) -> Path:
-    """Train and measure every run of a pipeline; write the results table; returns the Markdown path.
+    """Train and score every (run, fold, seed) of a pipeline; write the report; returns its path.
 
-    Run folders go to `output` (default `<runs_root>/experiments/<name>-<size>-<timestamp>`), MLflow
-    to `<runs_root>/mlflow.db` unless MLFLOW_TRACKING_URI or the config's `tracking.uri` is set, and
-    the report to `doc_dir` (default `docs/experiments/` of the repository; the run folder for the
-    `smoke` size, so a smoke run never replaces measured results).
+    Run folders go to `output` (default `<runs_root>/experiments/<name>-<size>-<timestamp>`; rerun
+    with the same `output` to resume: scored trainings are reused, an interrupted one continues),
+    MLflow to `<runs_root>/mlflow.db` unless MLFLOW_TRACKING_URI or the config's `tracking.uri` is
+    set, and the report to `doc_dir` (default `docs/experiments/` of the repository; the run
+    folder for the `smoke` size, so a smoke run never replaces measured results).
     """
     path = find_pipeline(name, search)
     root = repo_root_of(path)
@@ -275,47 +364,63 @@ def run_experiment(
     case_dir = (root / case_dir).resolve() if case_dir else None
     if case_dir is not None and not case_dir.is_dir():
         raise ConfigError(f"experiment {name}: case folder {case_dir} not found")
-    conditions = spec.get("conditions") or [{"name": "clean", "noise_hu": 0}]
     planned = plan_runs(spec, root)
     for p in planned:
         if not get(p.config, "tracking.uri"):
             p.config["tracking"]["uri"] = f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
-    folders = _prepare_sweeps(planned, case_dir, output)
+    case_dir = case_dir or ensure_phantom(planned[0].config)
+    cases = [c for c in discover_cases(case_dir) if c.label is not None]
+    jobs = _jobs(planned, spec, cases, case_dir, output)
+    conditions = spec.get("conditions") or [{"name": "clean", "noise_hu": 0}]
     dev = pick_device(device)
 
     rows = []
-    for i, p in enumerate(planned, 1):
-        log.info("experiment %s [%s]: run %d/%d %s (%s)", name, size, i, len(planned), p.name, p.label)
-        run_dir = train(p.config, folders[p.name], output / p.name, device=device)
-        run = load_model(run_dir, dev)
-        load = os.getloadavg()[0]  # timings on a shared machine mean little without it
-        facts = run_facts(run_dir, run, dev, repeats=int(spec.get("timing_repeats", 10)))
-        _, metrics = read_run(run_dir)
-        trained_on = run_case_dir(run.config)
-        cases = validation_cases(run_dir, trained_on)
-        split = json.loads((run_dir / "split.json").read_text())
-        train_slices = _slice_count(trained_on, split["train"], run.config)
-        measured = {}
-        for cond in conditions:
-            per_case = measure_cases(run, cases, dev, noise_hu=float(cond.get("noise_hu", 0)),
-                                     seed=int(get(run.config, "train.seed", 0)))
-            means = mean_metrics(per_case)
-            measured[cond["name"]] = means
-            rows.append({
-                "run": p.name, "label": p.label, "group": p.group, "value": p.value,
-                "condition": cond["name"], "noise_hu": float(cond.get("noise_hu", 0)),
-                "network": facts["network"], "epochs": facts["epochs"],
-                "train_minutes": (metrics.get("train_seconds") or 0.0) / 60.0,
-                "train_slices": train_slices,
-                "train_cases": len(split["train"]), "val_cases": len(cases),
-                **means, "params": facts["params"], "param_mb": facts["param_mb"],
-                "ms_per_slice": facts["ms_per_slice"], "load_avg": load, "run_dir": str(run_dir),
-            })
-        _log_to_mlflow(run_dir, {f"eval_{c}_{k}": v for c, m in measured.items() for k, v in m.items()},
-                       {"experiment.pipeline": name, "experiment.size": size, "experiment.label": p.label})
-
+    for i, job in enumerate(jobs, 1):
+        log.info("experiment %s [%s]: training %d/%d: %s, fold %d, seed %d", name, size, i, len(jobs),
+                 job.run.name, job.fold["fold"], job.seed)
+        rows += _run_job(job, spec, conditions, [c for c in cases if c.name in job.fold["test"]],
+                         output, device, dev)
     atomic_write_text(output / "results.csv", _csv(rows))
     return write_doc(spec, rows, doc_dir, path, root, dev)
+
+
+def _run_job(job: _Job, spec: dict, conditions: list[dict], test_cases: list, output: Path,
+             device: str | None, dev: torch.device) -> list[dict]:
+    """Train one (run, fold, seed), score it on the fold's test cases under every condition."""
+    run_dir = output / f"{job.run.name}_fold{job.fold['fold']}_seed{job.seed}"
+    if (run_dir / DONE).is_file():
+        log.info("%s: already trained and scored, reused", run_dir.name)
+        return json.loads((run_dir / DONE).read_text())
+    resume = run_dir if (run_dir / "checkpoints" / LAST).is_file() else None
+    train(job.config, job.case_dir, run_dir, device=device, resume=resume)
+    run = load_model(run_dir, dev)
+    load = os.getloadavg()[0]  # timings on a shared machine mean little without it
+    facts = run_facts(run_dir, run, dev, repeats=int(spec.get("timing_repeats", 10)))
+    _, metrics = read_run(run_dir)
+    split = json.loads((run_dir / "split.json").read_text())
+    train_slices = job.train_slices if job.train_slices is not None else \
+        _slice_count(job.case_dir, split["train"], run.config)
+    rows, measured = [], {}
+    for cond in conditions:
+        sd = noise_sd(cond, run.config)
+        per_case = measure_cases(run, test_cases, dev, noise_hu=sd, seed=job.seed)
+        measured[cond["name"]] = means = mean_metrics(per_case, METRICS)
+        rows.append({
+            "run": job.run.name, "label": job.run.label, "group": job.run.group, "value": job.run.value,
+            "fold": job.fold["fold"], "seed": job.seed, "test_cases": " ".join(job.fold["test"]),
+            "selection": job.fold["selection"], "condition": cond["name"], "noise_hu": sd,
+            "network": facts["network"], "epochs": facts["epochs"],
+            "train_minutes": (metrics.get("train_seconds") or 0.0) / 60.0,
+            "train_slices": train_slices, "lung_slices": job.lung_slices, "train_cases": len(split["train"]),
+            **means, "params": facts["params"], "param_mb": facts["param_mb"],
+            "ms_per_slice": facts["ms_per_slice"], "load_avg": load, "run_dir": str(run_dir),
+        })
+    _log_to_mlflow(run_dir, {f"test_{c}_{k}": v for c, m in measured.items() for k, v in m.items()},
+                   {"experiment.pipeline": spec["name"], "experiment.size": spec["size"],
+                    "experiment.run": job.run.name, "experiment.label": job.run.label,
+                    "experiment.fold": str(job.fold["fold"]), "experiment.seed": str(job.seed)})
+    atomic_write_text(run_dir / DONE, json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def _slice_count(case_dir: Path, names: list[str], config: dict) -> int:
@@ -332,59 +437,178 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+# --------------------------------------------------------------------------- statistics
+
+def summarize(rows: list[dict], baseline: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per (run, condition): mean ± sd over folds x seeds; the paired comparison of every other
+    run with `baseline` under the same condition; and of every condition of a run with the run's
+    first condition (the same trainings: what the condition alone changes). Pairs: (fold, seed)."""
+    keys = list(dict.fromkeys((r["run"], r["condition"]) for r in rows))
+    groups = {key: [r for r in rows if (r["run"], r["condition"]) == key] for key in keys}
+    summary = []
+    for (run, cond), members in groups.items():
+        first = members[0]
+        summary.append({
+            **{k: first[k] for k in ("run", "label", "group", "value", "condition", "noise_hu", "network",
+                                     "epochs", "params")},
+            "train_slices": spread([m["train_slices"] for m in members])["mean"],
+            "lung_slices": None if first["lung_slices"] is None else
+            spread([m["lung_slices"] for m in members])["mean"],
+            "train_minutes": spread([m["train_minutes"] for m in members])["mean"],
+            "ms_per_slice": float(np.median([m["ms_per_slice"] for m in members])),
+            **{f"{k}_{s}": v for k in METRICS for s, v in spread([m[k] for m in members]).items()},
+            "seed_sd": _seed_sd(members),
+        })
+    comparisons = []
+    for (run, cond), members in groups.items():
+        if run == baseline or (baseline, cond) not in groups:
+            continue
+        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(baseline, cond)]}
+        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
+        comparisons.append({"run": run, "condition": cond, "baseline": baseline, **paired(base, other)})
+    first_condition = keys[0][1]
+    by_condition = []
+    for (run, cond), members in groups.items():
+        if cond == first_condition or (run, first_condition) not in groups:
+            continue
+        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(run, first_condition)]}
+        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
+        by_condition.append({"run": run, "condition": cond, "baseline": first_condition, **paired(base, other)})
+    return summary, comparisons, by_condition
+
+
+def _seed_sd(members: list[dict]) -> float:
+    """Seed-to-seed spread of the volume Dice: the root mean within-fold variance over seeds."""
+    by_fold: dict[int, list[float]] = {}
+    for m in members:
+        by_fold.setdefault(m["fold"], []).append(m["dice"])
+    variances = [np.var(v, ddof=1) for v in by_fold.values() if len(v) > 1]
+    return float(np.sqrt(np.mean(variances))) if variances else float("nan")
+
+
 # --------------------------------------------------------------------------- report
+
+def merge_generated(existing: str | None, generated: str) -> str:
+    """`generated` placed between the markers of `existing`, everything outside them kept.
+
+    A document without markers (written before them, or by hand) is kept whole below the new
+    generated part, so no note is ever lost.
+    """
+    block = f"{GENERATED_START}\n{generated.rstrip()}\n{GENERATED_END}\n"
+    if not existing:
+        return block
+    start, end = existing.find(GENERATED_START), existing.find(GENERATED_END)
+    if start < 0 or end < start:
+        return f"{block}\n{existing}"
+    return existing[:start] + block.rstrip("\n") + existing[end + len(GENERATED_END):]
+
+
+def _errorbar_plot(summary: list[dict], group: str, conditions: list[str], path: Path, title: str) -> Path:
+    """Mean ± sd test Dice per run (or sweep value), one series per condition."""
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.add_subplot()
+    members = [s for s in summary if s["group"] == group]
+    runs = list(dict.fromkeys(s["run"] for s in members))
+    for i, cond in enumerate(conditions):
+        sel = [s for s in members if s["condition"] == cond]
+        x = np.arange(len(sel)) + 0.06 * (i - (len(conditions) - 1) / 2) if group == "runs" \
+            else np.array([s["value"] for s in sel], dtype=float)
+        ax.errorbar(x, [s["dice_mean"] for s in sel], yerr=[np.nan_to_num(s["dice_sd"]) for s in sel],
+                    marker="o", capsize=3, label=f"test {cond}")
+    if group == "runs":
+        ax.set_xticks(np.arange(len(runs)), runs)
+    ax.set_xlabel({"runs": "run", "train_slices": "training slices", "train_cases": "training cases"}[group])
+    ax.set_ylabel("test volume Dice (mean ± sd)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(conditions) > 1:
+        ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return path
+
+
+def _pm(mean: float, sd: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def _p(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.3g}"
+
 
 def write_doc(spec: dict, rows: list[dict], doc_dir: Path, pipeline: Path, root: Path,
               device: torch.device) -> Path:
-    """`<doc_dir>/<name>.md` with the table and `<name>*.png` plots (one per run group)."""
+    """The generated part of `<doc_dir>/<name>.md` (tables, statistics) and `<name>*.png` plots."""
     name = spec["name"]
     doc_dir = Path(doc_dir)
+    baseline = spec.get("baseline") or rows[0]["run"]
+    summary, comparisons, by_condition = summarize(rows, baseline)
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
     plots = []
-    for group in dict.fromkeys(r["group"] for r in rows):
-        members = [r for r in rows if r["group"] == group]
-        series = {}
-        for cond in conditions:
-            sel = [r for r in members if r["condition"] == cond]
-            x = [r["run"] if group == "runs" else r["value"] for r in sel]
-            noise = f" ({sel[0]['noise_hu']:g} HU noise)" if sel and sel[0]["noise_hu"] else ""
-            series[f"validation {cond}{noise}" if len(conditions) > 1 else "validation"] = \
-                (x, [r["dice"] for r in sel])
+    for group in dict.fromkeys(s["group"] for s in summary):
         suffix = "" if not plots else f"_{group}"
-        xlabel = {"runs": "run", "train_slices": "training slices", "train_cases": "training cases"}[group]
-        plots.append(figures.line_plot(series, doc_dir / f"{name}{suffix}.png", title=spec.get("title", name),
-                                       xlabel=xlabel, ylabel="validation volume Dice",
-                                       categorical=group == "runs"))
+        plots.append(_errorbar_plot(summary, group, conditions, doc_dir / f"{name}{suffix}.png",
+                                    spec.get("title", name)))
     try:
         pipeline_ref = pipeline.resolve().relative_to(root)
     except ValueError:
         pipeline_ref = pipeline
+    folds = sorted({r["fold"] for r in rows})
+    tests = {r["fold"]: r["test_cases"] for r in rows}
+    selection = sorted({r["selection"] for r in rows})
+    rerun = f"make experiment NAME={name}" + (f' ARGS="--size {spec["size"]}"' if spec["size"] != "cpu" else "")
+    loads = [r["load_avg"] for r in rows]
     lines = [f"# Experiment: {spec.get('title', name)}", ""]
     if spec.get("description"):
         lines += [str(spec["description"]).strip(), ""]
-    rerun = f"make experiment NAME={name}" + (f' ARGS="--size {spec["size"]}"' if spec["size"] == "smoke" else "")
     lines += [
         f"- pipeline: `{pipeline_ref}` (size `{spec['size']}`); rerun with `{rerun}`",
         f"- measured {dt.date.today().isoformat()} on {device} ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads); 1-minute load average when each "
-        f"run was timed: {min(r['load_avg'] for r in rows):.1f}-{max(r['load_avg'] for r in rows):.1f} "
-        "(ms / slice: median forward pass of one inference batch at the training size, per slice; on a busy "
-        "machine it measures the load as well as the network)",
-        f"- cases: `{spec.get('case_dir') or 'built-in phantom'}`; MLflow experiment `ctseg-{name}`",
-        "- Dice, accuracy and per-slice Dice: best checkpoint through `ctseg predict`'s inference path and "
-        "post-processing on the validation cases (mean over cases; raw Dice: before post-processing); noise "
-        "conditions add Gaussian noise of the given SD (HU) to the CT",
+        f"training was timed: {min(loads):.1f}-{max(loads):.1f} (ms / slice: median forward pass of one "
+        "inference batch per slice; on a busy machine it measures the load as well as the network)",
+        f"- cases: `{spec.get('case_dir') or 'built-in phantom'}`; MLflow experiment `ctseg-{name}`; "
+        f"results per training: `results.csv` in the output folder",
+        f"- every condition trained {len(folds)} folds x {len(spec['seeds'])} seeds (seeds "
+        f"{', '.join(map(str, spec['seeds']))}); patient folds of `ctseg cv`, test cases: "
+        + "; ".join(f"fold {k}: {tests[k]}" for k in folds)
+        + f"; checkpoint selection: {', '.join(selection)} (last: fixed length, the test case steers nothing)",
+        "- scores: the kept checkpoint through `ctseg predict`'s inference path and post-processing on the "
+        "fold's test case(s) (raw Dice: before post-processing); mean ± sd over folds x seeds; seed sd: "
+        "root mean within-fold variance over seeds; noise conditions add Gaussian noise of the given SD "
+        "(HU) to the test CT",
         "",
-        "| run | description | condition | network | train slices | train cases | epochs | train min "
-        "| volume Dice | raw Dice | accuracy | slice Dice | params | ms / slice |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | description | condition | network | train slices | epochs | n | volume Dice | seed sd "
+        "| raw Dice | accuracy | slice Dice | train min | params | ms / slice |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        cond = r["condition"] + (f" ({r['noise_hu']:g} HU)" if r["noise_hu"] else "")
-        lines.append(f"| {r['run']} | {r['label']} | {cond} | {r['network']} | {r['train_slices']} "
-                     f"| {r['train_cases']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['dice']:.4f} | {r['raw_dice']:.4f} "
-                     f"| {r['accuracy']:.4f} | {r['slice_dice']:.4f} | {r['params']:,} | {r['ms_per_slice']:.2f} |")
+    for s in summary:
+        cond = s["condition"] + (f" ({s['noise_hu']:.4g} HU)" if s["noise_hu"] else "")
+        slices = f"{s['train_slices']:.0f}" + ("" if s["lung_slices"] is None else f" ({s['lung_slices']:.0f} lung)")
+        lines.append(
+            f"| {s['run']} | {s['label']} | {cond} | {s['network']} | {slices} | {s['epochs']} | {s['dice_n']} "
+            f"| {_pm(s['dice_mean'], s['dice_sd'])} | {_p(s['seed_sd'])} | {_pm(s['raw_dice_mean'], s['raw_dice_sd'])} "
+            f"| {_pm(s['accuracy_mean'], s['accuracy_sd'])} | {_pm(s['slice_dice_mean'], s['slice_dice_sd'])} "
+            f"| {s['train_minutes']:.1f} | {s['params']:,} | {s['ms_per_slice']:.2f} |")
+    lines += ["", f"Paired against `{baseline}` (same fold, seed and condition; difference = run - "
+              f"{baseline} in test volume Dice). Verdict `real`: |mean| > 2 sd of the paired differences; "
+              "`within seed spread` otherwise. p: two-sided paired t-test and Wilcoxon signed-rank test "
+              "(pairs share folds, so they are not fully independent: read p as a guide).", "",
+              "| run | condition | difference (mean ± sd) | pairs | paired t p | Wilcoxon p | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in comparisons:
+        lines.append(f"| {c['run']} | {c['condition']} | {_pm(c['diff_mean'], c['diff_sd'])} | {c['diff_n']} "
+                     f"| {_p(c['t_p'])} | {_p(c['wilcoxon_p'])} | {c['verdict']} |")
+    if by_condition:
+        lines += ["", f"Each condition against `{conditions[0]}` for the same trainings (same run, fold and seed; "
+                  f"difference = condition - {conditions[0]} in test volume Dice; verdict and p as above).", "",
+                  "| run | condition | difference (mean ± sd) | pairs | paired t p | Wilcoxon p | verdict |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for c in by_condition:
+            lines.append(f"| {c['run']} | {c['condition']} | {_pm(c['diff_mean'], c['diff_sd'])} | {c['diff_n']} "
+                         f"| {_p(c['t_p'])} | {_p(c['wilcoxon_p'])} | {c['verdict']} |")
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     doc = doc_dir / f"{name}.md"
-    atomic_write_text(doc, "\n".join(lines) + "\n")
+    existing = doc.read_text() if doc.is_file() else None
+    atomic_write_text(doc, merge_generated(existing, "\n".join(lines)))
     return doc
