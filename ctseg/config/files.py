@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ctseg.config.schema import flatten, resolve_config
+from ctseg.config.schema import resolve_config
 from ctseg.errors import ConfigError
 from ctseg.utils import atomic_write_text
 
