@@ -76,8 +76,11 @@ def test_cosine_run_follows_the_curve_and_ends_at_min_lr_on_its_last_epoch(phant
 
 def test_cosine_run_with_a_time_limit_ends_at_min_lr_when_the_time_runs_out(phantom_dir, tmp_path):
     """50 epochs asked, 0.06 s of budget: the time runs out in epoch 1 and the LR is at its end.
-    (With the epochs alone the LR after epoch 1 would still be warming up.)"""
-    config = _config(tmp_path, ["train.epochs=50", "train.time_limit_minutes=0.001"])
+    (With the epochs alone the LR after epoch 1 would still be warming up.) The epoch is made long
+    (500 steps) so the budget ends inside its training steps on a fast machine too, not during
+    validation, after the last step."""
+    config = _config(tmp_path, ["train.epochs=50", "train.time_limit_minutes=0.001",
+                                "train.slices_per_epoch=4000"])
     run = train(config, phantom_dir, tmp_path / "run")
     lrs = _lrs(run)
     assert len(lrs) < 50
