@@ -1,8 +1,7 @@
 """Measured choices of the inference path: memory format, slices per batch, BatchNorm folding, gzip level.
 
-Forward passes of the trained model (`--model`, default /work/base/lctsc when present, else the
-network of pipelines/lctsc.yaml untrained) over `--slices` real 256x256 slices (LCTSC Case_009 when
-present, else a phantom), variants alternating round by round in one process, median of
+Forward passes of the trained model (`--model`, default runs/lctsc: the README's LCTSC run) over
+`--slices` real 256x256 slices (LCTSC Case_009 when present, else a phantom), variants alternating round by round in one process, median of
 `--rounds`; each variant's foreground (sigmoid >= 0.5) is compared pixel by pixel with plain NCHW.
 Then the label NIfTI of a real mask written at gzip levels 1, 6 and 9 (alternating, medians).
 Run: PYTHONPATH=. python benchmarks/bench_infer_choices.py [--model RUN] [--rounds 5]
@@ -56,7 +55,7 @@ def _inputs(config: dict, slices: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO.parent / "base/lctsc"))
+    parser.add_argument("--model", default=str(REPO / "runs/lctsc"))
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -87,11 +86,10 @@ def main() -> None:
         diff = int((masks[key] != base).sum())
         print(f"{key:16s} {len(x) / statistics.median(t):6.1f} slices/s  pixels differing from nchw b4: {diff}")
 
-    import nibabel as nib
     from ctseg.io.nifti import save_nifti
-    mask_path = REPO.parent / "base/pred-main/Case_000.nii.gz"
-    labels = (np.asarray(nib.load(mask_path).dataobj).transpose(2, 1, 0) if mask_path.exists()
-              else (masks["nchw b4"][:, 0].numpy().astype(np.uint8)))
+    truth = LCTSC / "Segmentations/Case_000_seg.npz"  # a real lung mask, (z, y, x)
+    labels = (np.load(truth)["masks"].astype(np.uint8) if truth.exists()
+              else masks["nchw b4"][:, 0].numpy().astype(np.uint8))
     with tempfile.TemporaryDirectory() as tmp:
         raw = save_nifti(labels, np.eye(4), Path(tmp) / "mask.nii", kind="label").read_bytes()
     sizes, secs = {}, {level: [] for level in (1, 6, 9)}
