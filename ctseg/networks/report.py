@@ -56,14 +56,8 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
         total += sum(t.numel() * t.element_size() for t in outputs
                      if isinstance(t, torch.Tensor) and not any(t is i for i in inputs))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if next(m.children(), None) is None]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    _forward_with_hook(model, x, hook, leaves)
     return total
 
 
@@ -76,15 +70,20 @@ def count_layers(model: nn.Module, x: torch.Tensor) -> int:
         if not any(output is i for i in inputs):
             count += 1
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if m is not model and not isinstance(m, CONTAINERS)]
+    _forward_with_hook(model, x, hook, [m for m in model.modules()
+                                        if m is not model and not isinstance(m, CONTAINERS)])
+    return count
+
+
+def _forward_with_hook(model: nn.Module, x: torch.Tensor, hook, modules: list[nn.Module]) -> None:
+    """One inference forward pass of `x` with `hook` on `modules` (removed afterwards)."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.inference_mode():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-    return count
 
 
 def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 2) -> float:
