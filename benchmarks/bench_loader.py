@@ -61,8 +61,10 @@ def run(folder: Path, repeats: int) -> None:
     print(f"\nspeed-up of ctseg over SimpleITK (median): {ratio:.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(run=run, description: str = __doc__.splitlines()[0]) -> None:
+    """`run(folder, repeats)` on `--series`, the LCTSC Case_000 when present, else a 150-slice phantom
+    (bench_loader_steps.py shares this)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--series", type=Path, default=None,
                         help=f"DICOM series folder (default {DEFAULT} if present, else a phantom)")
     parser.add_argument("--repeats", type=int, default=7)

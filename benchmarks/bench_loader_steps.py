@@ -11,20 +11,19 @@ Medians of `--repeats` runs from a warm page cache. Without the shared LCTSC dat
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
 
+import bench_loader  # this folder: the shared command line
+
 from ctseg.io import dicom, dicom_headers, load_series
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared/data/lctsc/Images/Case_000"
 
 
 def _dcmread(path: Path) -> tuple:
@@ -93,22 +92,5 @@ def run(folder: Path, repeats: int) -> None:
         print(f"| {name} | {_median(fn, arg, repeats):.3f} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--series", type=Path, default=None,
-                        help=f"DICOM series folder (default {DEFAULT} if present, else a phantom)")
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    folder = args.series or (DEFAULT if DEFAULT.is_dir() else None)
-    if folder is not None:
-        run(folder, args.repeats)
-        return
-    from ctseg.data.phantom import write_phantom_dataset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = write_phantom_dataset(tmp, n_cases=1, rows=512, cols=512, slices=150)
-        run(root / "Images" / "Phantom_000", args.repeats)
-
-
 if __name__ == "__main__":
-    main()
+    bench_loader.main(run, __doc__.splitlines()[0])

@@ -206,15 +206,20 @@ def test_output_that_is_a_file_or_under_a_file_is_refused_before_work(run_dir, p
     assert a_file.read_text() == "keep me"
 
 
+def _every_output_refused(phantom_dir, run_dir, tmp_path, folder, capsys, reason: str) -> None:
+    """predict, evaluate and convert into `folder` are each refused with `reason`, before work."""
+    for argv in _commands(phantom_dir, run_dir, tmp_path, folder / "out"):
+        _refused_output(argv, capsys, f"the output folder cannot be written ({reason})")
+    _refused_output(["convert", str(phantom_dir / "Images" / "Phantom_000"), str(folder / "ct.nii.gz")],
+                    capsys, f"the output folder cannot be written ({reason})")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the mode")
 def test_read_only_output_is_refused_before_work(run_dir, phantom_dir, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     try:
-        for argv in _commands(phantom_dir, run_dir, tmp_path, locked / "out"):
-            _refused_output(argv, capsys, "the output folder cannot be written (Permission denied)")
-        _refused_output(["convert", str(phantom_dir / "Images" / "Phantom_000"), str(locked / "ct.nii.gz")],
-                        capsys, "the output folder cannot be written (Permission denied)")
+        _every_output_refused(phantom_dir, run_dir, tmp_path, locked, capsys, "Permission denied")
     finally:
         locked.chmod(0o755)
 
@@ -227,10 +232,7 @@ def test_read_only_mount_is_refused_before_work(run_dir, phantom_dir, tmp_path, 
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        for argv in _commands(phantom_dir, run_dir, tmp_path, mount / "out"):
-            _refused_output(argv, capsys, "the output folder cannot be written (Read-only file system)")
-        _refused_output(["convert", str(phantom_dir / "Images" / "Phantom_000"), str(mount / "ct.nii.gz")],
-                        capsys, "the output folder cannot be written (Read-only file system)")
+        _every_output_refused(phantom_dir, run_dir, tmp_path, mount, capsys, "Read-only file system")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 

@@ -25,6 +25,25 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
                  "StudyTime", "ReferringPhysicianName", "AccessionNumber", "StudyID")
 
 
+def referenced_series(labels_zyx: np.ndarray, volume: CTVolume, path: Path,
+                      what: str) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    """The labels as an array and the headers of the series `what` (a DICOM object written to
+    `path`) references: refused unless `volume` came from a DICOM series, one file per slice, on
+    the labels' grid."""
+    if volume.metadata.get("order_key") not in _DICOM_ORDERS or len(volume.files) != volume.shape[0]:
+        raise CTSegError(f"{show_path(path)}: {what} references a DICOM series, one file per "
+                         "slice; this image came from another format")
+    labels = np.asarray(labels_zyx)
+    if labels.shape != volume.shape:
+        raise CTSegError(f"{show_path(path)}: labels {labels.shape} do not match the volume "
+                         f"{volume.shape}")
+    sources = []
+    for file in volume.files:
+        with open_regular(file) as fp:
+            sources.append(pydicom.dcmread(fp, stop_before_pixels=True))
+    return labels, sources
+
+
 def save_dicom_seg(labels_zyx: np.ndarray, volume: CTVolume, path: str | Path,
                    names: dict[int, str] | None = None) -> Path:
     """Write `labels_zyx` (uint8, the volume's grid) as a binary DICOM-SEG, one segment per label.
@@ -36,22 +55,12 @@ def save_dicom_seg(labels_zyx: np.ndarray, volume: CTVolume, path: str | Path,
     from pydicom.sr.codedict import codes
 
     path = Path(path)
-    if volume.metadata.get("order_key") not in _DICOM_ORDERS or len(volume.files) != volume.shape[0]:
-        raise CTSegError(f"{show_path(path)}: a DICOM-SEG references a DICOM series, one file per "
-                         "slice; this image came from another format")
-    labels = np.asarray(labels_zyx)
-    if labels.shape != volume.shape:
-        raise CTSegError(f"{show_path(path)}: labels {labels.shape} do not match the volume "
-                         f"{volume.shape}")
+    labels, sources = referenced_series(labels_zyx, volume, path, "a DICOM-SEG")
     values = [int(v) for v in np.unique(labels) if v != 0]
     names = names or {1: "Lung"}
-    sources = []
-    for file in volume.files:
-        with open_regular(file) as fp:
-            source = pydicom.dcmread(fp, stop_before_pixels=True)
+    for source in sources:
         for keyword in _TYPE2_COPIED:  # may be empty, not absent; exports often drop them
             source.setdefault(keyword, "")
-        sources.append(source)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="ctseg", version=__version__, family=codes.DCM.ArtificialIntelligence)
     segments = [hd.seg.SegmentDescription(

@@ -27,12 +27,11 @@ from skimage import measure
 
 from ctseg import __version__
 from ctseg.errors import CTSegError
-from ctseg.io.dicom_headers import open_regular
+from ctseg.io.dicom_seg import referenced_series
 from ctseg.io.redact import show_path
 from ctseg.io.volume import CTVolume
 from ctseg.utils import atomic_path
 
-_DICOM_ORDERS = ("ImagePositionPatient", "SliceLocation", "InstanceNumber")
 #: Patient and study attributes copied from the source (Type 2: present, possibly empty).
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
            "StudyDate", "StudyTime", "ReferringPhysicianName", "AccessionNumber", "StudyID")
@@ -71,16 +70,7 @@ def save_rtstruct(labels_zyx: np.ndarray, volume: CTVolume, path: str | Path,
     referenced CT images. `names` labels the ROIs (default: 1 is "Lung").
     """
     path = Path(path)
-    if volume.metadata.get("order_key") not in _DICOM_ORDERS or len(volume.files) != volume.shape[0]:
-        raise CTSegError(f"{show_path(path)}: an RTSTRUCT references a DICOM series, one file per "
-                         "slice; this image came from another format")
-    labels = np.asarray(labels_zyx)
-    if labels.shape != volume.shape:
-        raise CTSegError(f"{show_path(path)}: labels {labels.shape} do not match the volume {volume.shape}")
-    sources = []
-    for file in volume.files:
-        with open_regular(file) as fp:
-            sources.append(pydicom.dcmread(fp, stop_before_pixels=True))
+    labels, sources = referenced_series(labels_zyx, volume, path, "an RTSTRUCT")
     for source, file in zip(sources, volume.files):
         missing = [k for k in _REQUIRED_UIDS if not str(source.get(k, "") or "").strip()]
         if missing:
