@@ -15,6 +15,25 @@ from pathlib import Path
 from ctseg.errors import CTSegError
 
 
+def _environment_cache() -> Path | None:
+    """`$CTSEG_CACHE_DIR`: the environment is read here only; the library takes values."""
+    value = os.environ.get("CTSEG_CACHE_DIR")
+    return Path(value) if value else None
+
+
+def _with_environment(config: dict, cache: bool = True) -> dict:
+    """`config` with what the environment sets: `$MLFLOW_TRACKING_URI` replaces `tracking.uri`
+    (MLflow's own convention), `$CTSEG_CACHE_DIR` is `data.cache_dir` when the config names none
+    (with `cache`)."""
+    uri, cache_dir = os.environ.get("MLFLOW_TRACKING_URI"), _environment_cache()
+    if uri:
+        config["tracking"] = {**(config.get("tracking") or {}), "uri": uri}
+    data = config.get("data") or {}
+    if cache and cache_dir is not None and not data.get("cache_dir"):
+        config["data"] = {**data, "cache_dir": str(cache_dir)}
+    return config
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ctseg.io import load_image, save_nifti
     from ctseg.outputs import check_writable_file
@@ -85,7 +104,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ctseg.study.compare import compare_runs, to_markdown
     from ctseg.utils import pick_device
 
-    rows = compare_runs(args.run_dirs, args.output, case_dir=args.case_dir, device=args.device)
+    rows = compare_runs(args.run_dirs, args.output, case_dir=args.case_dir, device=args.device,
+                        cache_dir=_environment_cache())
     print(to_markdown(rows, device=str(pick_device(args.device))), end="")
     if args.output:
         print(f"wrote {args.output / 'compare.md'} and {args.output / 'compare.csv'}")
@@ -110,7 +130,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise CTSegError("--config is needed (or --resume RUN_DIR)")
     else:
         base = args.config
-    config = load_config(base, args.overrides)
+    # On resume the run's recorded cache folder is kept unless an override names another.
+    config = _with_environment(load_config(base, args.overrides), cache=args.resume is None)
     output = args.output
     if args.resume is None and output is None:
         output = Path("runs") / f"{Path(base).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -199,7 +220,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from ctseg.study.experiments import run_experiment
 
     doc = run_experiment(args.name, size=args.size, runs_root=args.runs_root, output=args.output,
-                         doc_dir=args.doc_dir, device=args.device)
+                         doc_dir=args.doc_dir, device=args.device, cache_dir=_environment_cache(),
+                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None)
     print(f"wrote {doc}")
     return 0
 
@@ -321,7 +343,7 @@ def _cmd_cv(args: argparse.Namespace) -> int:
     from ctseg.config import load_config
     from ctseg.study.cv import run_cv
 
-    summary = run_cv(load_config(args.config, args.overrides), args.case_dir, args.output,
+    summary = run_cv(_with_environment(load_config(args.config, args.overrides)), args.case_dir, args.output,
                      folds=args.folds, device=args.device)
     dice, hd95 = summary["metrics"]["dice"], summary["metrics"]["hd95_mm"]
     sd = f" ± {dice['sd']:.4f}" if dice["sd"] is not None else ""

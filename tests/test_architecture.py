@@ -7,6 +7,9 @@ Every import is read with `ast`, at module level and inside functions, so an upw
 hide in a function body. Packages in the same layer (io, networks, config, distributed) do not
 import each other. An import of ctseg inside a function must say why on its line (a comment, e.g.
 `# lazy: heavy`), and still goes down.
+
+Also: the environment is read only at the edge (cli.py; distributed.py for torchrun), and no
+call site states its own default for a setting (the schema holds them).
 """
 
 from __future__ import annotations
@@ -158,3 +161,69 @@ def test_checker_sees_imports_inside_functions() -> None:
     found = [(e.line, e.imported, e.in_function, e.commented, upward(e)) for e in edges_in(source, path)]
     assert found == [(1, "ctseg.io", False, False, False), (3, "ctseg.train", True, True, True),
                      (6, "ctseg.data", True, False, False)]
+
+
+# ------------------------------------------------------------------ the environment, at the edge
+#: Modules that may touch `os.environ`, and why. Everywhere else the library takes values: the CLI
+#: reads CTSEG_CACHE_DIR and MLFLOW_TRACKING_URI and passes them down as settings.
+ENVIRONMENT_READERS = {
+    "cli.py": "the edge: reads the environment and passes values down",
+    "distributed.py": "torchrun's protocol: RANK, LOCAL_RANK and WORLD_SIZE come only through it",
+}
+#: Modules that may only *set* a variable another library reads from the environment alone.
+ENVIRONMENT_WRITERS = {
+    "train/tracking.py": "MLflow reads its HTTP retry and timeout limits only from the environment",
+}
+
+
+def environment_uses(source: str) -> list[tuple[int, str]]:
+    """(line, how) of every `os.environ...` / `getenv` in `source`; how: the attribute called on
+    os.environ (`get`, `setdefault`, ...), "[]" for a subscript, "" for a bare use."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+        if name in ("getenv", "getenvb", "environb"):
+            found.append((node.lineno, name))
+        elif name == "environ":
+            parent = parents.get(node)
+            how = (parent.attr if isinstance(parent, ast.Attribute) else
+                   "[]" if isinstance(parent, ast.Subscript) else "")
+            found.append((node.lineno, how))
+    return sorted(found)
+
+
+def test_environment_is_read_only_at_the_edge() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
+        if name in ENVIRONMENT_READERS:
+            continue
+        for line, how in environment_uses(path.read_text(encoding="utf-8")):
+            if not (name in ENVIRONMENT_WRITERS and how == "setdefault"):
+                offenders.append(f"ctseg/{name}:{line}: os.environ{'.' + how if how not in ('', '[]') else how}")
+    assert not offenders, "environment read below the CLI (pass the value down instead):\n" + "\n".join(offenders)
+
+
+def test_environment_checker_sees_every_form() -> None:
+    source = ("import os\nfrom os import environ, getenv\na = os.environ.get('X')\nb = os.getenv('Y')\n"
+              "c = os.environ['Z']\nd = environ.get('W')\nos.environ.setdefault('V', '1')\n")
+    assert environment_uses(source) == [(3, "get"), (4, "getenv"), (5, "[]"), (6, "get"), (7, "setdefault")]
+
+
+# ------------------------------------------------------------------ settings: defaults in the schema only
+def default_lookups(source: str) -> list[int]:
+    """Lines calling the raw config lookup `get(config, "a.b", default)` with a default."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "get"
+            and len(node.args) + len(node.keywords) > 2]
+
+
+def test_no_inline_setting_defaults() -> None:
+    """Defaults live in the schema (`config_view`); a call site with its own default would drift."""
+    offenders = [f"ctseg/{path.relative_to(PACKAGE).as_posix()}:{line}"
+                 for path in sorted(PACKAGE.rglob("*.py"))
+                 for line in default_lookups(path.read_text(encoding="utf-8"))]
+    assert not offenders, "read settings through config_view instead:\n" + "\n".join(offenders)
+    assert default_lookups('get(config, "train.epochs", 50)\nget(config, "x")\nd.get("k", 1)\n') == [1]

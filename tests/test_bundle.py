@@ -100,7 +100,8 @@ def test_bundle_follows_the_monai_layout(bundle, run_dir):
     assert config["network_def"] == {"_target_": "scripts.networks.build_network", "name": "unet",
                                      "in_channels": 1, "out_channels": 1, "features": [8, 16]}
     assert config["ctseg_config"]["data"]["size"] == [32, 32]
-    assert "case_dir" not in config["ctseg_config"]["data"]
+    assert config["ctseg_config"]["data"]["case_dir"] is None  # no local path leaves the run
+    assert config["ctseg_config"]["data"]["cache_dir"] is None
     steps = {s["_target_"]: s for s in config["preprocessing"]["transforms"]}
     assert (steps["ScaleIntensityRanged"]["a_min"], steps["ScaleIntensityRanged"]["a_max"]) == (-1000, 400)
     assert steps["Resized"]["spatial_size"] == [32, 32] and steps["scripts.transforms.StackContextd"]["context"] == 1

@@ -28,7 +28,8 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines" / "experiments"
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory, monkeypatch_module) -> Path:
-    """One MLflow store and preprocessing cache for the module (the store's set-up costs seconds)."""
+    """One MLflow store and preprocessing cache for the module (the store's set-up costs seconds);
+    the cache through the environment, as a user sets it: the CLI passes it down."""
     root = tmp_path_factory.mktemp("experiments")
     monkeypatch_module.setenv("CTSEG_CACHE_DIR", str(root / "cache"))
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -144,7 +145,7 @@ def test_merge_generated_replaces_only_the_marked_part():
 def test_noise_levels_reach_the_network_as_different_inputs(phantom_dir, tmp_path):
     """Each condition is scored on its own noisy CT: what the network receives differs between
     levels, and more noise moves the input further from the clean one."""
-    config = resolve_config({"data": {"window": [-1000, 400], "size": [32, 32], "cache_dir": str(tmp_path)},
+    config = resolve_config({"data": {"window": [-1000, 400], "size": [32, 32]},
                              "model": {"name": "unet", "features": [4, 8]}})
     torch.manual_seed(0)
     model = build_network("unet", 1, 1, features=[4, 8]).eval()
@@ -156,7 +157,7 @@ def test_noise_levels_reach_the_network_as_different_inputs(phantom_dir, tmp_pat
     inputs = {}
     for sd in (0.0, 50.0, 100.0):
         seen.clear()
-        rows = measure_cases(run, case, "cpu", noise_hu=sd, seed=0)
+        rows = measure_cases(run, case, "cpu", noise_hu=sd, seed=0, cache_dir=tmp_path)
         assert rows[0]["noise_hu"] == sd
         inputs[sd] = torch.cat(seen)
     clean = inputs[0.0]

@@ -25,6 +25,7 @@ from ctseg.errors import ConfigError
 from ctseg.io import load_series, save_nifti
 from ctseg.train import train
 from ctseg.infer.model_loader import load_checkpoint
+from ctseg.train.run_record import read_run_record
 from ctseg.train.loop import HISTORY_COLUMNS
 from ctseg.train.tracking import Tracker
 
@@ -75,6 +76,13 @@ def runs(tmp_path_factory) -> dict:
     return {"root": root, "cases": cases, "a": run_a, "b": run_b, "reads_b": reads}
 
 
+def test_resume_finds_the_recorded_case_folder(runs):
+    """Run B resumed with only its own config.yaml (no case folder in it): run.json supplied it."""
+    assert yaml.safe_load((runs["b"] / "config.yaml").read_text())["data"]["case_dir"] is None
+    assert read_run_record(runs["b"]).case_dir == str(Path(runs["cases"]).resolve())
+    assert json.loads((runs["b"] / "metrics.json").read_text())["epochs"] == 2
+
+
 def _history(run: Path) -> list[dict]:
     with open(run / "history.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -98,7 +106,12 @@ def test_run_folder_is_complete(runs):
     assert set(metrics["val_per_case"]) == set(split["val"])
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["clip_grad_norm"] == 1.0  # defaults are resolved into the saved config
-    assert config["data"]["case_dir"] == str(Path(runs["cases"]).resolve())
+    # where the run read its data is run metadata (run.json), not part of the model config
+    assert config["data"]["case_dir"] is None and config["data"]["cache_dir"] is None
+    record = read_run_record(run)
+    assert record.case_dir == str(Path(runs["cases"]).resolve())
+    assert record.cache_dir == str((runs["root"] / "cache").resolve())
+    assert record.versions["torch"] == torch.__version__ and record.machine["cpus"] == os.cpu_count()
 
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "epoch", "config", "split", "rng", "network"} <= set(ckpt)

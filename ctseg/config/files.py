@@ -124,12 +124,14 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
     return config
 
 
-def get(config: dict, dotted: str, default: Any = None) -> Any:
-    """Look up `a.b.c` in a nested dict, returning `default` when any part is absent."""
+def get(config: dict, dotted: str) -> Any:
+    """`a.b.c` of a config as written (None when any part is absent), for the rare reader that
+    must see what a config says before the schema resolves it. Settings are read through
+    `config_view`, whose defaults are the schema's; there is no default here on purpose."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return default
+            return None
         node = node[part]
     return node
 

@@ -111,7 +111,7 @@ class DataConfig:
     context: int = setting(1, integer(1, 31))                   # 2.5D: odd number of slices as channels
     num_classes: int = setting(2, integer(2, 255))              # incl. background; 2 = sigmoid
     foreground_ratio: Optional[float] = setting(None, optional(number(0, 1)))  # None: natural
-    cache_dir: Optional[str] = setting(None, optional(TEXT))    # None: $CTSEG_CACHE_DIR or ./.cache
+    cache_dir: Optional[str] = setting(None, optional(TEXT))    # None: ./.cache (the CLI: $CTSEG_CACHE_DIR)
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ class InferConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = setting(True, BOOLEAN)
-    uri: Optional[str] = setting(None, optional(TEXT))          # None: $MLFLOW_TRACKING_URI or ./mlruns
+    uri: Optional[str] = setting(None, optional(TEXT))          # None: <runs root>/mlflow.db (the CLI: $MLFLOW_TRACKING_URI)
     experiment: str = setting("ctseg", TEXT)
 
 

@@ -44,8 +44,9 @@ class CaseLike(Protocol):
 
 
 def default_cache_dir() -> Path:
-    """`$CTSEG_CACHE_DIR`, else `.cache/` in the working directory (the repo root under make)."""
-    return Path(os.environ.get("CTSEG_CACHE_DIR", DEFAULT_CACHE_DIR))
+    """`.cache/` in the working directory (the repo root under make); the CLI passes
+    `$CTSEG_CACHE_DIR` down as `data.cache_dir` instead."""
+    return Path(DEFAULT_CACHE_DIR)
 
 
 @dataclass

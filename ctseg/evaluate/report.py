@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.errors import ModelError
 from ctseg.evaluate import figures
 from ctseg.utils import atomic_write_text
@@ -51,7 +51,8 @@ def write_run_report(run_dir: Path, output: Path | None = None) -> Path:
     config, metrics = read_run(run_dir)
     history = read_history(run_dir / "history.csv")
     output = Path(output) if output else run_dir / "report"
-    network = get(config, "model.name", "?")
+    cfg = config_view(config, str(run_dir / "config.yaml")) if config else None
+    network = cfg.model.name if cfg else "?"
     curves = figures.training_curves(history, output / "training_curves.png",
                                      title=f"{run_dir.name} ({network})")
     lines = [f"# Training report: {run_dir.name}", "", f"- run folder: `{run_dir}`", f"- network: {network}"]
@@ -59,7 +60,7 @@ def write_run_report(run_dir: Path, output: Path | None = None) -> Path:
         if key in metrics:
             value = metrics[key]
             lines.append(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}")
-    lines += _split_lines(run_dir, metrics, get(config, "train.selection", "best"))
+    lines += _split_lines(run_dir, metrics, cfg.train.selection if cfg else "best")
     lines += ["", f"![training curves]({curves.name})", "", "## History", ""]
     keys = list(history)
     lines += ["| " + " | ".join(keys) + " |", "| " + " | ".join("---" for _ in keys) + " |"]

@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 
 from ctseg import distributed
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
@@ -142,7 +142,7 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
     segmenter = (loaded if isinstance(loaded, Segmenter) else
                  Segmenter(loaded, tta=tta, postprocess=postprocess, split_lungs=split_lungs))
     log.info("predicting %d case(s) on %s (tta axes %s, post-processing %s%s)", len(cases),
-             segmenter.device, get(segmenter.config, "infer.tta", []) or "off",
+             segmenter.device, list(config_view(segmenter.config).infer.tta) or "off",
              [name for name, _ in segmenter.steps] or "off",
              ", right/left lungs" if segmenter.split_lungs else "")
     results: list[CasePrediction] = []

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import yaml
 
-from ctseg.config import get
+from ctseg.config import config_view, resolve_config
 from ctseg.data import discover_cases
 from ctseg.errors import ConfigError, CTSegError, ModelError
 from ctseg.evaluate.evaluate import evaluate_case
@@ -150,15 +150,15 @@ def export_bundle(run_dir: str | Path, output: str | Path | None = None, *,
 
 # --------------------------------------------------------------------------- configs
 def bundle_ctseg_config(config: dict) -> dict:
-    """The parts of a run's config inference reads; no local paths, post-processing made explicit."""
-    data = {k: v for k, v in (get(config, "data", {}) or {}).items() if k not in ("case_dir", "cache_dir")}
-    infer = copy.deepcopy(get(config, "infer", {}) or {})
+    """The parts of a run's config inference reads, post-processing made explicit (the model config
+    holds no local paths: a run's locations are in its run record)."""
+    resolved = resolve_config(config)
+    data, infer = resolved["data"], resolved["infer"]
     infer["postprocess"] = postprocess_settings(config)
     data["num_classes"] = num_classes(config)  # evaluate.yaml reads it
-    out = {"data": copy.deepcopy(data), "infer": infer, "train": {"amp": bool(get(config, "train.amp", True))}}
-    flip = get(config, "augment.flip")
-    if flip:
-        out["augment"] = {"flip": copy.deepcopy(flip)}  # `ctseg predict --tta` flips what training flipped
+    out = {"data": data, "infer": infer, "train": {"amp": resolved["train"]["amp"]}}
+    if "flip" in resolved["augment"]:  # `ctseg predict --tta` flips what training flipped
+        out["augment"] = {"flip": resolved["augment"]["flip"]}
     return out
 
 
@@ -182,7 +182,7 @@ def _preprocessing(settings: dict, key: str, ctseg_config: dict) -> None:
     transforms = _transforms(settings, key)
     _set(transforms, "ScaleIntensityRanged", key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
     _set(transforms, "Resized", key, spatial_size=list(training_size(ctseg_config)))
-    _set(transforms, "scripts.transforms.StackContextd", key, context=int(get(ctseg_config, "data.context", 1)))
+    _set(transforms, "scripts.transforms.StackContextd", key, context=config_view(ctseg_config).data.context)
 
 
 def _transforms(settings: dict, key: str) -> list[dict]:
@@ -202,13 +202,13 @@ def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
     settings["ctseg_config"] = ctseg_config
     settings["network_def"] = network_def(spec)
     _preprocessing(settings, "preprocessing", ctseg_config)
-    batch = get(ctseg_config, "infer.batch_size", "auto")
+    batch = config_view(ctseg_config).infer.batch_size
     settings["inferer"].update(
         roi_size=list(training_size(ctseg_config)),
         sw_batch_size=(f"$%d if @device.type == 'cpu' else %d" % (AUTO_BATCH["cpu"], AUTO_BATCH["cuda"])
                        if batch in (None, "auto") else int(batch)))
     settings["evaluator"]["amp"] = _amp(ctseg_config)
-    if get(ctseg_config, "infer.tta", []):
+    if config_view(ctseg_config).infer.tta:
         log.warning("the run's flip TTA (infer.tta) is not part of the bundle's inference.yaml; "
                     "`ctseg predict --model BUNDLE` applies it")
     saver = next((t for t in _transforms(settings, "postprocessing")
@@ -222,7 +222,7 @@ def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
 
 def _amp(ctseg_config: dict) -> str | bool:
     """Mixed precision on CUDA when the run trained with it, as `ctseg predict` does."""
-    return "$@device.type == 'cuda'" if get(ctseg_config, "train.amp", True) else False
+    return "$@device.type == 'cuda'" if config_view(ctseg_config).train.amp else False
 
 
 def discretize(ctseg_config: dict) -> list[dict]:
@@ -232,7 +232,7 @@ def discretize(ctseg_config: dict) -> list[dict]:
             {"_target_": "Activationsd", "keys": "pred", "sigmoid": binary, "softmax": not binary},
             {"_target_": "scripts.transforms.RestoreSlicesd", "keys": "pred", "image_key": "image"},
             ({"_target_": "AsDiscreted", "keys": "pred",
-              "threshold": float(get(ctseg_config, "infer.threshold", 0.5))} if binary else
+              "threshold": float(config_view(ctseg_config).infer.threshold)} if binary else
              {"_target_": "AsDiscreted", "keys": "pred", "argmax": True}),
             {"_target_": "CastToTyped", "keys": "pred", "dtype": "$torch.uint8"}]
 
@@ -262,7 +262,7 @@ def training_settings(template: dict, spec: dict, ctseg_config: dict, run_config
     transforms = _transforms(settings, "train#preprocessing")
     _set(transforms, "Resized", "train#preprocessing", keys=["image", "label"],
          mode=["bilinear", "bilinear" if binary else "nearest"], anti_aliasing=[True, False])
-    ratio = get(ctseg_config, "data.foreground_ratio", None)
+    ratio = config_view(ctseg_config).data.foreground_ratio
     if ratio is None:  # the run sampled slices as they come: one uniform random slice per sample
         index = next(i for i, s in enumerate(transforms) if s.get("_target_") == "RandCropByPosNegLabeld")
         crop = transforms[index]
@@ -271,12 +271,11 @@ def training_settings(template: dict, spec: dict, ctseg_config: dict, run_config
                              "random_size": False}
     else:
         _set(transforms, "RandCropByPosNegLabeld", "train#preprocessing", pos=float(ratio), neg=1.0 - float(ratio))
+    loss = config_view(run_config).loss
     settings["loss"] = {"_target_": "DiceCELoss", "sigmoid": binary, "softmax": not binary,
                         "to_onehot_y": not binary,
-                        "include_background": bool(get(run_config, "loss.include_background", True)),
-                        "batch": bool(get(run_config, "loss.batch", True)),
-                        "lambda_dice": float(get(run_config, "loss.lambda_dice", 1.0)),
-                        "lambda_ce": float(get(run_config, "loss.lambda_ce", 1.0))}
+                        "include_background": loss.include_background, "batch": loss.batch,
+                        "lambda_dice": float(loss.lambda_dice), "lambda_ce": float(loss.lambda_ce)}
     return settings
 
 
@@ -329,7 +328,7 @@ def bundle_metadata(template: dict, loaded: LoadedModel, ctseg_config: dict, run
                 "type": "image", "format": "segmentation", "num_channels": int(spec["out_channels"]),
                 "spatial_shape": size, "dtype": "float32", "value_range": [], "is_patch_data": True,
                 "channel_def": ({"0": f"{labels['1']} (logit; sigmoid >= "
-                                      f"{get(ctseg_config, 'infer.threshold', 0.5)} is {labels['1']})"}
+                                      f"{config_view(ctseg_config).infer.threshold} is {labels['1']})"}
                                 if classes == 2 else {c: f"{name} (logit; softmax argmax)" for c, name in labels.items()}),
             }},
         },
@@ -546,7 +545,7 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
     metrics = run["metrics"] or {}
     split = run["split"] or {}
     steps = postprocess_steps(ctseg_config, num_classes(ctseg_config))
-    tta = get(ctseg_config, "infer.tta", []) or []
+    tta = list(config_view(ctseg_config).infer.tta)
     lines = [
         "## This export",
         "",

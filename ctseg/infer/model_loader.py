@@ -76,6 +76,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     if not isinstance(config, dict):
         raise ModelError(f"{checkpoint}: the checkpoint holds no config")
     config = resolve_config(config, f"{checkpoint}: config")  # same schema as training: types, ranges
+    # Checkpoints saved before run records (run.json) kept the run's folders in their config; a
+    # model config carries none, so nothing local reaches a prediction log or an exported bundle.
+    config["data"].update(case_dir=None, cache_dir=None)
     check_network(spec, config, checkpoint)
     model = build_model(spec, checkpoint)
     load_weights(model, state["model"], checkpoint)

@@ -41,7 +41,7 @@ Step = tuple[str, dict[str, Any]]
 
 def postprocess_settings(config: dict) -> dict[str, Any]:
     """`infer.postprocess` of a model's config over the defaults (absent = on, lungs defaults)."""
-    spec = get(config, "infer.postprocess", None)
+    spec = get(config, "infer.postprocess")
     if spec is None:
         return dict(DEFAULT_POSTPROCESS)
     if spec is False:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.errors import ConfigError
 from ctseg.infer.lungs import split_lungs
 from ctseg.infer.model_loader import LoadedModel, load_model
@@ -49,12 +49,13 @@ def inference_config(config: dict, tta: bool | None = None) -> dict:
     config = copy.deepcopy(config)
     if tta is None:
         return config
+    cfg = config_view(config)
     infer = config.setdefault("infer", {})
     if not tta:
         infer["tta"] = []
-    elif not infer.get("tta"):
-        flip = get(config, "augment.flip", {}) or {}
-        infer["tta"] = list(flip.get("axes", [1])) if float(flip.get("prob", 0.0)) > 0 else [1]
+    elif not cfg.infer.tta:
+        flip = cfg.augment.flip
+        infer["tta"] = list(flip.axes) if flip is not None and flip.prob > 0 else [1]
     return config
 
 
@@ -67,7 +68,7 @@ class Segmenter:
         self.config = inference_config(loaded.config, tta)
         self.classes = num_classes(self.config)
         self.steps = postprocess_steps(self.config, self.classes) if postprocess else []
-        self.split_lungs = bool(get(self.config, "infer.split_lungs", False)
+        self.split_lungs = bool(config_view(self.config).infer.split_lungs
                                 if split_lungs is None else split_lungs)
         if self.split_lungs and self.classes != 2:
             raise ConfigError(f"split_lungs needs a binary lung model; {loaded.source} has "

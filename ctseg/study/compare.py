@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ctseg.config import get
+from ctseg.config import config_view
 from ctseg.data import discover_cases
 from ctseg.data.cache import cache_case
 from ctseg.data.phantom import ensure_phantom
@@ -33,6 +33,7 @@ from ctseg.evaluate.report import read_run
 from ctseg.infer.model_loader import LoadedModel, load_model
 from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
 from ctseg.infer.volume import inference_batch_size, num_classes, predict_volume
+from ctseg.train.run_record import RunRecord, read_run_record
 from ctseg.transforms import training_size
 from ctseg.utils import atomic_write_text, pick_device
 
@@ -55,20 +56,21 @@ def validation_cases(run_dir: Path, case_dir: Path) -> list:
 
 def measure_cases(
     run: LoadedModel, cases: Sequence, device: torch.device | str, noise_hu: float = 0.0, seed: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> list[dict]:
     """Volume metrics (no distances) per case, optionally with Gaussian noise of `noise_hu` HU added.
 
     Labels come from `predict_volume` and the model's post-processing, as `ctseg predict` and the
     training validation produce them; `raw_dice` is the network's output before post-processing.
     Cases are read through the preprocessing cache, so evaluating many runs on the same cases
-    parses each DICOM series once.
+    parses each DICOM series once (in `cache_dir`; None: the default cache folder).
     """
     rng = np.random.default_rng(seed)
     n_classes = num_classes(run.config)
     steps = postprocess_steps(run.config, n_classes)
     rows = []
     for case in cases:
-        cached = cache_case(case, run.config, get(run.config, "data.cache_dir"))
+        cached = cache_case(case, run.config, cache_dir)
         hu = np.asarray(cached.hu, dtype=np.float32)
         if noise_hu > 0:
             hu = hu + rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
@@ -92,7 +94,7 @@ def ms_per_slice(run: LoadedModel, device: torch.device, repeats: int = 10) -> f
     x = torch.randn(batch, int(run.network["in_channels"]), *training_size(run.config), device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = cuda and bool(get(run.config, "infer.amp", True))
+    amp = cuda and config_view(run.config).infer.amp
     times = []
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
         for i in range(repeats + 1):
@@ -129,15 +131,18 @@ def mean_metrics(rows: Sequence[dict],
 
 
 def summarize_run(run_dir: Path, case_dir: Path | None = None, device: str | None = None,
-                  repeats: int = 10) -> dict:
-    """One row of the comparison table for `run_dir`."""
+                  repeats: int = 10, cache_dir: Path | None = None) -> dict:
+    """One row of the comparison table for `run_dir` (`cache_dir`: where to cache its cases when
+    its run record names no cache folder)."""
     run_dir = Path(run_dir)
     dev = pick_device(device)
     run = load_model(run_dir, dev)  # the run's best checkpoint
     row = run_facts(run_dir, run, dev, repeats)
-    case_root = run_case_dir(run.config, case_dir)
+    record = read_run_record(run_dir)
+    cache_dir = record.cache_dir or cache_dir
+    case_root = run_case_dir(record, run.config, case_dir, cache_dir)
     if case_root.is_dir():
-        rows = measure_cases(run, validation_cases(run_dir, case_root), dev)
+        rows = measure_cases(run, validation_cases(run_dir, case_root), dev, cache_dir=cache_dir)
         row.update(mean_metrics(rows, ("dice", "accuracy")), dice_source="measured", val_cases=len(rows))
     else:
         log.warning("%s: case folder %s not found; showing the Dice recorded in metrics.json", run_dir, case_root)
@@ -146,18 +151,22 @@ def summarize_run(run_dir: Path, case_dir: Path | None = None, device: str | Non
     return row
 
 
-def run_case_dir(config: dict, case_dir: Path | None = None) -> Path:
-    """`case_dir` if given, else the folder the run trained on (the cached phantom for phantom runs)."""
+def run_case_dir(record: RunRecord, config: dict, case_dir: Path | None = None,
+                 cache_dir: str | Path | None = None) -> Path:
+    """`case_dir` if given, else the folder the run trained on (its run record), the cached
+    phantom (in `cache_dir`) for phantom runs."""
     if case_dir is not None:
         return Path(case_dir)
-    recorded = get(config, "data.case_dir")
-    return Path(recorded) if recorded else ensure_phantom(config)
+    if record.case_dir:
+        return Path(record.case_dir)
+    data = {**config["data"], "cache_dir": str(cache_dir) if cache_dir is not None else None}
+    return ensure_phantom({**config, "data": data})
 
 
 def compare_runs(run_dirs: Iterable[Path], output: Path | None = None, case_dir: Path | None = None,
-                 device: str | None = None, repeats: int = 10) -> list[dict]:
+                 device: str | None = None, repeats: int = 10, cache_dir: Path | None = None) -> list[dict]:
     """Rows for every run; with `output`, also writes compare.md and compare.csv there."""
-    rows = [summarize_run(r, case_dir, device, repeats) for r in run_dirs]
+    rows = [summarize_run(r, case_dir, device, repeats, cache_dir) for r in run_dirs]
     if output is not None:
         output = Path(output)
         atomic_write_text(output / "compare.csv", to_csv(rows))

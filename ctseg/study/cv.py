@@ -30,13 +30,13 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ctseg.config import get, resolve_config, save_config
+from ctseg import distributed
+from ctseg.config import config_view, resolve_config, save_config
 from ctseg.data import discover_cases
 from ctseg.data.cache import load_case_volume
 from ctseg.data.cases import Case
@@ -78,9 +78,9 @@ def plan_folds(names: list[str], folds: int, config: dict) -> list[dict]:
         raise ConfigError(f"cross-validation needs at least 2 labelled cases, found {len(names)}")
     if not 2 <= folds <= len(names):
         raise ConfigError(f"--folds must be between 2 and {len(names)} (the cases), got {folds}")
-    seed = int(get(config, "split.seed", 0))
-    val_fraction = float(get(config, "split.val_fraction", 0.2))
-    fixed = get(config, "train.selection", "best") == "last"
+    cfg = config_view(config)
+    seed, val_fraction = cfg.split.seed, cfg.split.val_fraction
+    fixed = cfg.train.selection == "last"
     plan = []
     for k in range(folds):
         outer = make_split(names, {"seed": seed, "folds": folds, "fold": k})
@@ -97,7 +97,7 @@ def plan_folds(names: list[str], folds: int, config: dict) -> list[dict]:
 def fold_config(config: dict, fold: dict) -> dict:
     """The training config of one fold: its explicit split (test listed, never loaded) and selection."""
     out = copy.deepcopy(config)
-    out["split"] = {"seed": get(config, "split.seed", 0), "train": fold["train"], "val": fold["val"],
+    out["split"] = {"seed": config_view(config).split.seed, "train": fold["train"], "val": fold["val"],
                     "test": fold["test"]}
     out["train"]["selection"] = fold["selection"]
     return out
@@ -109,14 +109,14 @@ def run_cv(config: dict, case_dir: Path | None, output: Path, folds: int | None 
 
     Returns the summary also written to `output/summary.json`.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.launched():
         raise ConfigError("cv runs in one process, fold after fold; run it without torchrun "
                           "(--device picks the GPU)")
     output = Path(output)
     config = resolve_config(config)  # the schema checks train.selection with every other value
     _refuse_own_split(config)
     if case_dir is None:
-        case_dir = Path(get(config, "data.case_dir") or ensure_phantom(config))
+        case_dir = Path(config_view(config).data.case_dir or ensure_phantom(config))
     case_dir = Path(case_dir).resolve()
     config["data"]["case_dir"] = str(case_dir)
     # One MLflow store for the cv run and its folds: the one `ctseg train --output` beside
@@ -159,8 +159,9 @@ def run_cv(config: dict, case_dir: Path | None, output: Path, folds: int | None 
 
 
 def _refuse_own_split(config: dict) -> None:
-    given = [key for key in ("train", "val", "test", "folds") if get(config, f"split.{key}")]
-    if given or float(get(config, "split.test_fraction", 0.0) or 0.0) > 0:
+    split = config_view(config).split
+    given = [key for key in ("train", "val", "test", "folds") if getattr(split, key)]
+    if given or split.test_fraction > 0:
         keys = ", ".join(f"split.{key}" for key in given or ["test_fraction"])
         raise ConfigError(f"cv makes its own patient-level folds; remove {keys} from the config "
                           "(split.seed and split.val_fraction are used)")
@@ -275,7 +276,7 @@ def _write_outputs(output: Path, config: dict, plan: list[dict], rows: list[dict
                    else f"{len(plan)}-fold, patient-level"),
         "folds": len(plan),
         "cases": len(rows),
-        "seed": get(config, "split.seed", 0),
+        "seed": config_view(config).split.seed,
         "note": ("each case is scored once, by the fold that never loaded it; checkpoint, LR and "
                  "stopping came only from that fold's training cases. mean/sd/median/min/max are "
                  "over cases (sd: sample)."),

@@ -53,7 +53,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from ctseg.config import apply_overrides, get, load_config, read_yaml_file, resolve_config
+from ctseg.config import apply_overrides, config_view, load_config, read_yaml_file, resolve_config
 from ctseg.data import discover_cases
 from ctseg.data.cache import cache_case, load_case_volume
 from ctseg.data.phantom import ensure_phantom
@@ -157,7 +157,7 @@ def noise_sd(condition: dict, config: dict) -> float:
     if value < 0:
         raise ConfigError(f"experiment condition {condition['name']!r}: noise must be >= 0, got {value}")
     if given == ["noise_fraction"]:
-        lo, hi = get(config, "data.window", [-1000, 400])
+        lo, hi = config_view(config).data.window
         return value * (float(hi) - float(lo))
     return value
 
@@ -207,7 +207,7 @@ def plan_runs(spec: dict, root: Path) -> list[PlannedRun]:
         raise ConfigError(f"experiment {spec['name']}: run_overrides for unknown run(s) {unknown}")
     if spec.get("baseline") is not None and spec["baseline"] not in names:
         raise ConfigError(f"experiment {spec['name']}: baseline {spec['baseline']!r} is not a run ({names})")
-    if len({json.dumps(get(p.config, "split") or {}, sort_keys=True) for p in planned}) > 1:
+    if len({json.dumps(resolve_config(p.config)["split"], sort_keys=True) for p in planned}) > 1:
         raise ConfigError(f"experiment {spec['name']}: every run must share one `split` section "
                           "(the folds are planned once for all of them)")
     return planned
@@ -319,7 +319,7 @@ def _jobs(planned: list[PlannedRun], spec: dict, cases: list, case_dir: Path, ou
     subsets = write_slice_subsets(cases, folds, counts, output / "train_slices_cases") if counts else {}
     jobs = []
     for p in planned:
-        if p.group == "train_slices" and int(get(p.config, "data.context", 1)) != 1:
+        if p.group == "train_slices" and config_view(p.config).data.context != 1:
             raise ConfigError(f"{p.name}: train_slices subsets stack slices of several cases; "
                               "they need 2D training (data.context: 1)")
         for fold in folds:
@@ -343,13 +343,14 @@ def _jobs(planned: list[PlannedRun], spec: dict, cases: list, case_dir: Path, ou
 def run_experiment(
     name: str | Path, size: str = SIZES_AUTO, runs_root: Path = Path("runs"), output: Path | None = None,
     doc_dir: Path | None = None, device: str | None = None, search: Path | None = None,
+    cache_dir: Path | None = None, tracking_uri: str | None = None,
 ) -> Path:
     """Train and score every (run, fold, seed) of a pipeline; write the report; returns its path.
 
     Run folders go to `output` (default `<runs_root>/experiments/<name>-<size>-<timestamp>`; rerun
     with the same `output` to resume: scored trainings are reused, an interrupted one continues),
-    MLflow to `<runs_root>/mlflow.db` unless MLFLOW_TRACKING_URI or the config's `tracking.uri` is
-    set, and the report to `doc_dir` (default `docs/experiments/` of the repository; the run
+    MLflow to `tracking_uri`, else the config's `tracking.uri`, else `<runs_root>/mlflow.db`, the
+    preprocessing cache to the config's `data.cache_dir`, else `cache_dir`, and the report to `doc_dir` (default `docs/experiments/` of the repository; the run
     folder for the `smoke` size, so a smoke run never replaces measured results).
     """
     path = find_pipeline(name, search)
@@ -366,8 +367,11 @@ def run_experiment(
         raise ConfigError(f"experiment {name}: case folder {case_dir} not found")
     planned = plan_runs(spec, root)
     for p in planned:
-        if not get(p.config, "tracking.uri"):
-            p.config["tracking"]["uri"] = f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
+        cfg = config_view(p.config)
+        p.config["tracking"]["uri"] = (tracking_uri or cfg.tracking.uri
+                                       or f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}")
+        if cache_dir is not None and cfg.data.cache_dir is None:
+            p.config.setdefault("data", {})["cache_dir"] = str(cache_dir)
     case_dir = case_dir or ensure_phantom(planned[0].config)
     cases = [c for c in discover_cases(case_dir) if c.label is not None]
     jobs = _jobs(planned, spec, cases, case_dir, output)
@@ -399,11 +403,12 @@ def _run_job(job: _Job, spec: dict, conditions: list[dict], test_cases: list, ou
     _, metrics = read_run(run_dir)
     split = json.loads((run_dir / "split.json").read_text())
     train_slices = job.train_slices if job.train_slices is not None else \
-        _slice_count(job.case_dir, split["train"], run.config)
+        _slice_count(job.case_dir, split["train"], job.config)
     rows, measured = [], {}
     for cond in conditions:
         sd = noise_sd(cond, run.config)
-        per_case = measure_cases(run, test_cases, dev, noise_hu=sd, seed=job.seed)
+        per_case = measure_cases(run, test_cases, dev, noise_hu=sd, seed=job.seed,
+                                 cache_dir=config_view(job.config).data.cache_dir)
         measured[cond["name"]] = means = mean_metrics(per_case, METRICS)
         rows.append({
             "run": job.run.name, "label": job.run.label, "group": job.run.group, "value": job.run.value,
@@ -425,7 +430,7 @@ def _run_job(job: _Job, spec: dict, conditions: list[dict], test_cases: list, ou
 
 def _slice_count(case_dir: Path, names: list[str], config: dict) -> int:
     """Slices in the named cases, from the preprocessing cache that training filled."""
-    return sum(cache_case(c, config, get(config, "data.cache_dir")).shape[0]
+    return sum(cache_case(c, config, config_view(config).data.cache_dir).shape[0]
                for c in discover_cases(case_dir) if c.name in names)
 
 

@@ -56,6 +56,7 @@ from ctseg.infer.volume import predict_volume
 from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
 from ctseg.train.qc import QCCase, write_qc_images
+from ctseg.train.run_record import RUN_RECORD, RunRecord, new_run_record, read_run_record, write_run_record
 from ctseg.train.schedule import BudgetCosine, WarmEMA, budget_progress
 from ctseg.train.tracking import Tracker
 from ctseg.transforms import num_classes, train_transforms
@@ -115,8 +116,8 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
                               f"--resume {run_dir} or choose another --output")
 
     config = resolve_config(config)  # every value checked before anything is written
-    if case_dir is not None:
-        config["data"]["case_dir"] = str(Path(case_dir).resolve())
+    case_dir, cache_root = _locations(config, case_dir, run_dir if checkpoint is not None else None)
+    config["data"].update(case_dir=None, cache_dir=None)  # run locations go to run.json, not the model
     cfg = config_view(config)
     if checkpoint is not None:
         check_resume(checkpoint.get("config") or {}, config, str(run_dir))
@@ -128,7 +129,7 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
     check_output_location(run_dir, network_spec(config))  # before any case is read
 
     with distributed.main_first():  # rank 0 writes the phantom and the cache, the others read them
-        cases = _load_cases(config)
+        cases = _load_cases(config, case_dir, cache_root)
         if checkpoint is not None:
             split = checkpoint["split"]
             check_split(split, [c.name for c in cases])
@@ -140,9 +141,9 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
         if distributed.is_main():
             save_config(config, run_dir / "config.yaml")
             save_split(split, run_dir / "split.json")
+            write_run_record(run_dir, new_run_record(case_dir, cache_root))
 
         by_name = {c.name: c for c in cases}
-        cache_root = Path(cfg.data.cache_dir or default_cache_dir())
         train_cases = cache_cases([by_name[n] for n in split["train"]], config, cache_root)
         val_cases = cache_cases([by_name[n] for n in split["val"]], config, cache_root)
     _check_labels(train_cases + val_cases, config)
@@ -157,6 +158,7 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
     tracker.start(config, resume=checkpoint is not None)
     tracker.log_artifact(run_dir / "config.yaml")
     tracker.log_artifact(run_dir / "split.json")
+    tracker.log_artifact(run_dir / RUN_RECORD)
     try:
         trainer.fit(tracker)
         if distributed.is_main():
@@ -172,10 +174,19 @@ def _train(config: dict, case_dir: Path | None, output: Path | None, dev: torch.
     return run_dir
 
 
-def _load_cases(config: dict) -> list:
-    case_dir = config_view(config).data.case_dir
+def _locations(config: dict, case_dir: Path | None, resumed: Path | None) -> tuple[Path | None, Path]:
+    """The case folder (None: the phantom) and the cache folder: given (argument, then config),
+    else those the resumed run recorded, else the defaults."""
+    data = config_view(config).data
+    recorded = read_run_record(resumed) if resumed is not None else RunRecord(None, None)
+    case_dir = case_dir if case_dir is not None else data.case_dir or recorded.case_dir
+    cache_dir = data.cache_dir or recorded.cache_dir or default_cache_dir()
+    return (Path(case_dir).resolve() if case_dir else None), Path(cache_dir)
+
+
+def _load_cases(config: dict, case_dir: Path | None, cache_root: Path) -> list:
     if case_dir is None:
-        case_dir = ensure_phantom(config)
+        case_dir = ensure_phantom({**config, "data": {**config["data"], "cache_dir": str(cache_root)}})
     cases = discover_cases(Path(case_dir))
     unlabeled = [c.name for c in cases if c.label is None]
     if unlabeled:

@@ -1,8 +1,8 @@
 """MLflow tracking of a training run, best-effort: a failing store never stops training.
 
 Default store: `sqlite:///<runs root>/mlflow.db` with artifacts in `<runs root>/mlartifacts`
-(what `make mlflow-ui` opens); `MLFLOW_TRACKING_URI`, then `tracking.uri` in the config, take
-precedence. The client API is used rather than MLflow's global "active run", so nothing leaks
+(what `make mlflow-ui` opens); `tracking.uri` in the config takes precedence (the CLI puts
+`MLFLOW_TRACKING_URI` there). The client API is used rather than MLflow's global "active run", so nothing leaks
 between runs in one process and no automatic tags (user name, source file) are added: params are
 the flattened config, package versions and the git commit; nothing from DICOM headers.
 """
@@ -34,7 +34,7 @@ HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACK
 
 
 def tracking_uri(config: dict, runs_root: Path) -> str:
-    return (os.environ.get("MLFLOW_TRACKING_URI") or config_view(config).tracking.uri
+    return (config_view(config).tracking.uri
             or f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}")
 
 
