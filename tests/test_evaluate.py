@@ -262,6 +262,40 @@ def test_compare_two_runs(tiny_runs, tmp_path, capsys):
     assert len(table) == 2 + 2  # header, separator, one row per run
 
 
+def test_compare_reads_a_run_made_before_run_records(tiny_runs, phantom_dir, tmp_path):
+    """A run saved before run.json kept its case and cache folders in its config (config.yaml and
+    checkpoints): compare still finds its validation cases there, and loading it hands on no
+    local path."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from ctseg.infer.model_loader import load_model
+    from ctseg.study.compare import compare_runs
+    from ctseg.train.run_record import RUN_RECORD, read_run_record
+
+    old = tmp_path / "old_run"
+    shutil.copytree(tiny_runs[0], old)
+    cache_dir = read_run_record(old).cache_dir
+    (old / RUN_RECORD).unlink()
+    locations = {"case_dir": str(Path(phantom_dir).resolve()), "cache_dir": cache_dir}
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    config["data"].update(locations)
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    for ckpt in (old / "checkpoints").glob("*.pt"):
+        state = torch.load(ckpt, weights_only=True)
+        state["config"]["data"].update(locations)
+        torch.save(state, ckpt)
+
+    assert read_run_record(old).case_dir == locations["case_dir"]
+    assert load_model(old, "cpu").config["data"]["case_dir"] is None
+    row, = compare_runs([old], device="cpu", repeats=1)
+    recorded = json.loads((old / "metrics.json").read_text())
+    assert row["dice_source"] == "measured"
+    assert row["dice"] == pytest.approx(recorded["best_val_dice"], abs=1e-6)
+
+
 def test_report_training_curves(tiny_runs):
     assert main(["report", str(tiny_runs[0])]) == 0
     report = tiny_runs[0] / "report" / "report.md"
