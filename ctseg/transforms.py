@@ -38,28 +38,7 @@ from monai.transforms import (
 )
 
 from ctseg.config import config_view
-
-
-def training_size(config: dict) -> tuple[int, int]:
-    """The in-plane (H, W) the network is trained and run at (`data.size`)."""
-    return config_view(config).size
-
-
-def hu_window(config: dict) -> tuple[float, float]:
-    """`data.window` (low, high) in HU, mapped to [0, 1]."""
-    lo, hi = config_view(config).data.window
-    return float(lo), float(hi)
-
-
-def num_classes(config: dict) -> int:
-    """Classes including background (2 = binary: one output channel, sigmoid)."""
-    return config_view(config).data.num_classes
-
-
-def output_channels(config: dict) -> int:
-    """Network outputs and soft-label channels: 1 for binary (foreground), else one per class."""
-    k = num_classes(config)
-    return 1 if k == 2 else k
+from ctseg.slices import hu_window, num_classes, output_channels, training_size
 
 
 def label_channels(label_zyx: np.ndarray, config: dict) -> np.ndarray:
