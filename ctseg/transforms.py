@@ -1,14 +1,14 @@
 """The MONAI dictionary transforms between a HU volume and the network.
 
-Every transform here is MONAI's own; this module only builds them from the config so training,
-validation and `ctseg predict` share one definition of "what the network sees":
+Every transform here is MONAI's own; this module only builds them from the config for training.
+`ctseg predict` (and validation, through `predict_volume`) computes the same preprocessing with
+torch alone (`ctseg.slices`, tested equal), so it never imports MONAI. The transforms:
 
 1. `preprocess_transforms` (whole (z, y, x) volume, deterministic): HU window -> [0, 1]
    (`ScaleIntensityRanged`, clipped), then in-plane resize to the training size (`Resized`). The
    z axis is MONAI's channel axis here, so each slice is resized on its own and slices never mix.
    Windowing first means the resize's zero padding is air, not water, and bone above the window
-   cannot bleed into soft tissue. Training applies it once when a case is cached; the predictor
-   applies it to every new volume.
+   cannot bleed into soft tissue. Training applies it once when a case is cached.
 2. `augment_transforms` (one (C, H, W) slice, random): each augmentation with its probability.
 
 Config sections read:
@@ -117,7 +117,7 @@ def augment_transforms(config: dict) -> list[MapTransform]:
 
 
 def preprocess_transforms(config: dict, keys: tuple[str, ...] = ("image", "label")) -> Compose:
-    """Whole-volume preprocessing shared by the training cache and the predictor."""
+    """Whole-volume preprocessing of the training cache (`ctseg.slices.preprocess_slices` for the predictor)."""
     return Compose([window_transform(config), resize_transform(config, keys)])
 
 
