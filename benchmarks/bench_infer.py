@@ -2,7 +2,7 @@
 
 Pipelines, each timed from the DICOM folder to the written NIfTI:
 - `ctseg`: `ctseg.infer.cases.predict_cases` (what `ctseg predict` runs): `ctseg.io.load_series`,
-  `predict_volume` (SlidingWindowInferer with a 2D ROI), post-processing (two largest components,
+  `predict_volume` (MONAI-free, `ctseg.slices`), post-processing (two largest components,
   fill holes), `save_nifti`. Model: `--model` (run folder, checkpoint or bundle), else the
   network `pipelines/lctsc.yaml` describes with untrained weights (same cost).
 - `monai`: MONAI's stock pieces doing the same steps: `LoadImage(reader="PydicomReader")`,

@@ -258,6 +258,9 @@ class _Progress:
     def slices(self, case: str, done: int, total: int) -> None:
         if not self.enabled or total < self.LONG_CASE:
             return
+        if self.slice_bar is not None and self.slice_bar.desc != case:  # the next case runs before
+            self.slice_bar.close()                                       # the previous one's row
+            self.slice_bar = None
         if self.slice_bar is None:
             from tqdm import tqdm
 

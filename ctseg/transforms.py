@@ -1,14 +1,14 @@
 """The MONAI dictionary transforms between a HU volume and the network.
 
-Every transform here is MONAI's own; this module only builds them from the config so training,
-validation and `ctseg predict` share one definition of "what the network sees":
+Every transform here is MONAI's own; this module only builds them from the config for training.
+`ctseg predict` (and validation, through `predict_volume`) computes the same preprocessing with
+torch alone (`ctseg.slices`, tested equal), so it never imports MONAI. The transforms:
 
 1. `preprocess_transforms` (whole (z, y, x) volume, deterministic): HU window -> [0, 1]
    (`ScaleIntensityRanged`, clipped), then in-plane resize to the training size (`Resized`). The
    z axis is MONAI's channel axis here, so each slice is resized on its own and slices never mix.
    Windowing first means the resize's zero padding is air, not water, and bone above the window
-   cannot bleed into soft tissue. Training applies it once when a case is cached; the predictor
-   applies it to every new volume.
+   cannot bleed into soft tissue. Training applies it once when a case is cached.
 2. `augment_transforms` (one (C, H, W) slice, random): each augmentation with its probability.
 
 Config sections read:
@@ -38,28 +38,7 @@ from monai.transforms import (
 )
 
 from ctseg.config import config_view
-
-
-def training_size(config: dict) -> tuple[int, int]:
-    """The in-plane (H, W) the network is trained and run at (`data.size`)."""
-    return config_view(config).size
-
-
-def hu_window(config: dict) -> tuple[float, float]:
-    """`data.window` (low, high) in HU, mapped to [0, 1]."""
-    lo, hi = config_view(config).data.window
-    return float(lo), float(hi)
-
-
-def num_classes(config: dict) -> int:
-    """Classes including background (2 = binary: one output channel, sigmoid)."""
-    return config_view(config).data.num_classes
-
-
-def output_channels(config: dict) -> int:
-    """Network outputs and soft-label channels: 1 for binary (foreground), else one per class."""
-    k = num_classes(config)
-    return 1 if k == 2 else k
+from ctseg.slices import hu_window, num_classes, output_channels, training_size
 
 
 def label_channels(label_zyx: np.ndarray, config: dict) -> np.ndarray:
@@ -138,7 +117,7 @@ def augment_transforms(config: dict) -> list[MapTransform]:
 
 
 def preprocess_transforms(config: dict, keys: tuple[str, ...] = ("image", "label")) -> Compose:
-    """Whole-volume preprocessing shared by the training cache and the predictor."""
+    """Whole-volume preprocessing of the training cache (`ctseg.slices.preprocess_slices` for the predictor)."""
     return Compose([window_transform(config), resize_transform(config, keys)])
 
 

@@ -1,6 +1,6 @@
 """The package order (docs: DESIGN.md): imports inside ctseg/ go down this list, never up.
 
-    cli -> study -> train -> infer -> evaluate -> data -> transforms -> io / networks / config /
+    cli -> study -> train -> infer -> evaluate -> data -> transforms -> slices -> io / networks / config /
     distributed -> outputs -> utils -> errors / the package root
 
 Every import is read with `ast`, at module level and inside functions, so an upward edge cannot
@@ -30,6 +30,7 @@ LAYERS = {
     "evaluate": 4,
     "data": 5,
     "transforms": 6,
+    "slices": 6.5,  # what the network sees, MONAI-free: transforms (training) and infer both read it
     "io": 7, "networks": 7, "config": 7, "distributed": 7,
     "outputs": 8,  # which files a command may replace (io and the stages above write through it)
     "utils": 9,

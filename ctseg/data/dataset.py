@@ -15,28 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ctseg.config import config_view
 from ctseg.data.cache import CachedCase
 from ctseg.errors import ConfigError
-
-
-def context_slices(config: dict) -> int:
-    """`data.context`: the odd number of neighbouring slices stacked as channels (2.5D)."""
-    return config_view(config).data.context
-
-
-def context_indices(z: int, depth: int, k: int) -> np.ndarray:
-    """Indices of the k slices centred on z, clamped to [0, depth) (edge slices repeat)."""
-    return np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, depth - 1)
-
-
-def stack_context(volume: torch.Tensor, k: int) -> torch.Tensor:
-    """(z, H, W) -> (z, k, H, W): each slice with its k-1 neighbours as channels."""
-    if k == 1:
-        return volume[:, None]
-    depth = volume.shape[0]
-    index = torch.stack([torch.as_tensor(context_indices(z, depth, k)) for z in range(depth)])
-    return volume[index.to(volume.device)]
+from ctseg.slices import context_indices, context_slices, stack_context  # the training side's names
 
 
 class SliceDataset(Dataset):

@@ -15,8 +15,10 @@ standard requires, so they are written only on request.
 A case that fails is recorded and skipped, and its output of an earlier run removed (so a stale
 mask cannot be scored as this run's); `OUT_DIR/predictions.csv` lists every case with its
 status, time, slices per second and foreground volume, merged by case with the rows already
-there (newest wins) under a folder lock after each case. Outputs never replace an input or a
-file ctseg did not write (`ctseg.outputs`); case names in the CSV are escaped (`csv_cell`).
+there (newest wins) under a folder lock after each case. A background thread reads the next case
+and writes the previous one while the network runs (at most two cases in memory). Outputs never
+replace an input or a file ctseg did not write (`ctseg.outputs`); case names in the CSV are
+escaped (`csv_cell`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,12 +43,13 @@ from ctseg.data import discover_cases
 from ctseg.data.cases import Case
 from ctseg.errors import CTSegError, DicomError
 from ctseg.infer.model_loader import LoadedModel
-from ctseg.infer.segmenter import Segmenter, inference_config
+from ctseg.infer.segmenter import Segmentation, Segmenter, inference_config
 from ctseg.infer.statistics import label_statistics
 from ctseg.io import load_image, save_nifti
 from ctseg.io.dicom_seg import save_dicom_seg
 from ctseg.io.rtstruct import save_rtstruct
 from ctseg.io.formats import image_stem, is_image_file
+from ctseg.io.volume import CTVolume
 from ctseg.outputs import check_replaceable, check_writable_dir, folder_lock, is_ours, record, remove_ours
 from ctseg.utils import atomic_path, atomic_write_text, csv_cell, csv_uncell, log_text
 
@@ -84,6 +88,31 @@ class CasePrediction:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+class _CaseRun:
+    """One case on its way through read -> segment -> write: the stage that fails keeps its error
+    and the later stages skip; `seconds` adds up the case's own stages."""
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+        self.outputs: dict[str, Path] = {}
+        self.volume: CTVolume | None = None
+        self.segmentation: Segmentation | None = None
+        self.slices, self.statistics = 0, None
+        self.seconds = 0.0
+        self.error: Exception | None = None
+
+    def stage(self, step: Callable[[_CaseRun], None]) -> None:
+        if self.error is not None:
+            return
+        start = time.perf_counter()
+        try:
+            step(self)
+        except Exception as exc:  # noqa: BLE001 - reported per case by `finish`
+            self.error = exc
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def find_inputs(path: str | Path) -> list[Case]:
@@ -146,52 +175,83 @@ def predict_cases(loaded: LoadedModel | Segmenter, input_path: str | Path, outpu
              [name for name, _ in segmenter.steps] or "off",
              ", right/left lungs" if segmenter.split_lungs else "")
     results: list[CasePrediction] = []
-    mine = distributed.shard(cases)
+    mine = [_CaseRun(case) for case in distributed.shard(cases)]
     if on_cases is not None:
         on_cases(len(mine))
-    for case in mine:
-        start = time.perf_counter()
-        written: list[Path] = []
-        try:
-            outputs = case_outputs(output_dir, case.name, probabilities, formats)
-            written = list(outputs.values())
-            volume = load_image(case.image, series)  # `series` as `ctseg series` lists them
-            progress = None if on_slices is None else (lambda done, total: on_slices(case.name, done, total))
-            segmentation = segmenter.segment(volume, probabilities=probabilities, on_slices=progress)
-            if probabilities:
-                save_probabilities(segmentation.probabilities, volume.affine, outputs["probabilities"])
-            labels = segmentation.labels
-            del segmentation  # (classes, z, y, x) float32 probabilities: the largest array of a case
-            save_nifti(labels, volume.affine, outputs["nifti"], kind="label")
-            stats = label_statistics(labels, volume.array, volume.spacing, segmenter.label_names)
-            atomic_write_text(outputs["statistics"], json.dumps({"case": case.name, **stats}, indent=2) + "\n")
-            names = {v: n.capitalize() for v, n in segmenter.label_names.items()}
-            if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
-                save_dicom_seg(labels, volume, outputs["dicom-seg"],
-                               names=names if segmenter.split_lungs else None)
-            if "rtstruct" in formats:  # as DICOM-SEG: identifiers copied, only on request
-                save_rtstruct(labels, volume, outputs["rtstruct"], names=names)
+
+    def read(run: _CaseRun) -> None:
+        run.outputs = case_outputs(output_dir, run.case.name, probabilities, formats)
+        run.volume = load_image(run.case.image, series)  # `series` as `ctseg series` lists them
+
+    def segment(run: _CaseRun) -> None:
+        name = run.case.name
+        progress = None if on_slices is None else (lambda done, total: on_slices(name, done, total))
+        run.segmentation = segmenter.segment(run.volume, probabilities=probabilities, on_slices=progress)
+
+    def write(run: _CaseRun) -> None:
+        outputs, volume, segmentation = run.outputs, run.volume, run.segmentation
+        run.volume = run.segmentation = None  # written cases hold no arrays: two cases in flight at most
+        if probabilities:
+            save_probabilities(segmentation.probabilities, volume.affine, outputs["probabilities"])
+        labels = segmentation.labels
+        del segmentation  # (classes, z, y, x) float32 probabilities: the largest array of a case
+        save_nifti(labels, volume.affine, outputs["nifti"], kind="label")
+        stats = label_statistics(labels, volume.array, volume.spacing, segmenter.label_names)
+        atomic_write_text(outputs["statistics"], json.dumps({"case": run.case.name, **stats}, indent=2) + "\n")
+        names = {v: n.capitalize() for v, n in segmenter.label_names.items()}
+        if "dicom-seg" in formats:  # carries the patient's identifiers: only on request
+            save_dicom_seg(labels, volume, outputs["dicom-seg"], names=names if segmenter.split_lungs else None)
+        if "rtstruct" in formats:  # as DICOM-SEG: identifiers copied, only on request
+            save_rtstruct(labels, volume, outputs["rtstruct"], names=names)
+        run.slices, run.statistics = int(labels.shape[0]), stats
+
+    def finish(run: _CaseRun) -> None:
+        """Record the case's files (or remove them if it failed) and its row, in case order."""
+        name = run.case.name
+        written = list(run.outputs.values())
+        if run.error is None:
             with folder_lock(output_dir):
                 record(output_dir, *written)
-            result = CasePrediction(case.name, "ok", slices=int(labels.shape[0]),
-                                seconds=time.perf_counter() - start,
-                                foreground_ml=stats["foreground"]["volume_ml"],
-                                output=outputs["nifti"], statistics=stats)
-        except Exception as exc:  # one bad case must not stop the others; the CSV records why
+            result = CasePrediction(name, "ok", slices=run.slices, seconds=run.seconds,
+                                    foreground_ml=run.statistics["foreground"]["volume_ml"],
+                                    output=run.outputs["nifti"], statistics=run.statistics)
+        else:  # one bad case must not stop the others; the CSV records why
+            exc = run.error
             if not isinstance(exc, CTSegError):
-                log.exception("case %s failed unexpectedly", log_text(case.name))
+                log.error("case %s failed unexpectedly", log_text(name), exc_info=exc)
             with folder_lock(output_dir):  # an earlier run's mask must not pass for this run's
                 for stale in remove_ours(output_dir, *written):
-                    log.warning("case %s failed: removed its earlier output %s", log_text(case.name),
+                    log.warning("case %s failed: removed its earlier output %s", log_text(name),
                                 log_text(stale.name))
-            result = CasePrediction(case.name, "failed", seconds=time.perf_counter() - start,
-                                error=f"{type(exc).__name__}: {exc}")
+            result = CasePrediction(name, "failed", seconds=run.seconds, error=f"{type(exc).__name__}: {exc}")
         results.append(result)
         if distributed.world_size() == 1:
             write_csv(results, output_dir / CSV_NAME)
             write_statistics(results, output_dir / STATISTICS_NAME)
         if on_result is not None:
             on_result(result)
+
+    # One background thread reads the next case and writes the previous one (in that queue order)
+    # while this thread runs the network: at most two cases hold arrays at any time, torch keeps
+    # its threads, and every case goes through the same steps as alone.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctseg-io")
+    try:
+        reading = background.submit(mine[0].stage, read) if mine else None
+        writing: Future | None = None
+        for i, run in enumerate(mine):
+            reading.result()
+            if i + 1 < len(mine):  # queued behind the previous case's write
+                reading = background.submit(mine[i + 1].stage, read)
+            run.stage(segment)
+            if writing is not None:
+                writing.result()
+                finish(mine[i - 1])
+            writing = background.submit(run.stage, write)
+        if writing is not None:
+            writing.result()
+            finish(mine[-1])
+    finally:  # an interrupted run does not wait for a queued read
+        background.shutdown(cancel_futures=True)
     if distributed.world_size() > 1:
         results = distributed.unshard(distributed.all_gather(results))
         if distributed.is_main():

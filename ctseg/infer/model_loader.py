@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ctseg.config import read_yaml_file, resolve_config
-from ctseg.data.dataset import context_slices
+from ctseg.slices import context_slices
 from ctseg.errors import ConfigError, ModelError
 from ctseg.infer.volume import output_channels
 from ctseg.networks import build_network

@@ -2,10 +2,10 @@
 
 Training validation and `ctseg predict` both call `predict_volume`, so the Dice logged during
 training is measured through exactly the code users run. Preprocessing is read from the model's
-config (the same `ctseg.transforms.preprocess_transforms` the training cache used), never
-re-typed: HU window to [0, 1], resize every slice to `data.size`, stack `data.context` neighbours as
-channels, run the 2D network over all slices with MONAI's `SlidingWindowInferer` (2D ROI = the
-training size, `infer.batch_size` slices per forward pass, `auto` by device; float16 autocast
+config by `ctseg.slices` (torch alone, tested equal to the MONAI `preprocess_transforms` the
+training cache used, so `ctseg predict` never imports MONAI): HU window to [0, 1], resize every
+slice to `data.size`, stack `data.context` neighbours as channels, run the 2D network over the
+slices in batches (`infer.batch_size` slices per forward pass, `auto` by device; float16 autocast
 on CUDA unless `infer.amp: false`), optionally average flipped copies (`infer.tta`: list of flip
 axes, 0 = rows, 1 = columns), and resize the class probabilities back to the original (y, x)
 before thresholding, so boundaries are placed at sub-pixel precision rather than by up-sampling a
@@ -18,14 +18,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from monai.inferers import SlidingWindowInferer
-from monai.transforms import Resize
-from monai.utils import convert_to_tensor
 
 from ctseg.config import config_view
-from ctseg.data.dataset import context_slices, stack_context
 from ctseg.errors import ModelError
-from ctseg.transforms import num_classes, output_channels, preprocess_transforms, training_size
+from ctseg.slices import (context_slices, num_classes, output_channels, preprocess_slices, resize_slices,
+                          stack_context)
 
 __all__ = ["inference_batch_size", "num_classes", "output_channels", "predict_volume", "preprocess_volume"]
 
@@ -55,9 +52,7 @@ def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.
         hu = torch.from_numpy(np.array(hu_zyx, dtype=np.float32))
     if hu.ndim != 3:
         raise ModelError(f"expected a (z, y, x) volume, got shape {tuple(hu.shape)}")
-    sample = preprocess_transforms(config, ("image",))({"image": hu})
-    image = convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False)
-    return stack_context(image, context_slices(config))
+    return stack_context(preprocess_slices(hu, config), context_slices(config))
 
 
 @torch.inference_mode()
@@ -86,9 +81,10 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     infer = config_view(config).infer
     cuda = device.type == "cuda"
     amp = cuda and infer.amp
-    inferer = SlidingWindowInferer(roi_size=training_size(config),
-                                   sw_batch_size=inference_batch_size(config, device),
-                                   overlap=0.0, sw_device=device, device=torch.device("cpu"))
+    batch = inference_batch_size(config, device)
+
+    def inferer(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([network(x[i:i + batch].to(device)).cpu() for i in range(0, depth, batch)])
 
     flips = list(infer.tta)
     total, done = depth * (1 + len(flips)), 0
@@ -107,10 +103,10 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     was_training = model.training
     model.eval()
     try:
-        probs = inferer(inputs, network)
+        probs = inferer(inputs)
         for axis in flips:
             dims = (2 + axis,)
-            probs = probs + inferer(inputs.flip(dims), network).flip(dims)
+            probs = probs + inferer(inputs.flip(dims)).flip(dims)
         probs = probs / (1 + len(flips))
     finally:
         model.train(was_training)
@@ -118,8 +114,7 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     # (z, C, H, W) -> (C*z, y, x) at the original in-plane size, then back to (C, z, y, x).
     channels = probs.shape[1]
     probs = probs.permute(1, 0, 2, 3).reshape(channels * depth, *probs.shape[2:])
-    probs = Resize(spatial_size=(rows, cols), mode="bilinear")(probs)
-    probs = convert_to_tensor(probs, track_meta=False).reshape(channels, depth, rows, cols)
+    probs = resize_slices(probs, (rows, cols)).reshape(channels, depth, rows, cols)
     if channels == 1:
         foreground = probs[0].clamp_(0.0, 1.0)
         labels = (foreground >= float(infer.threshold)).to(torch.uint8)
