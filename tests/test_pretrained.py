@@ -21,7 +21,7 @@ from ctseg.cli import DEFAULT_MODEL_ENV, main
 from ctseg.errors import ModelError
 from ctseg.infer import Segmenter
 from ctseg.infer.export import eval_metrics, read_cv_summary
-from ctseg.infer.package import data_note_text, package_model
+from ctseg.infer.package import data_note_text, package_model, recipe_differences
 from ctseg.pretrained import CARD_NAME, FORMAT, MAX_BYTES, WEIGHTS
 
 from infer_helpers import tiny_run
@@ -117,6 +117,9 @@ def test_card_reports_the_cv_figures_of_the_cv_folder(packaged, cv_dir):
     for r in rows:
         assert f"| {r['fold']} | {r['case']} | {r['dice']} |" in card
     assert "leave-one-case-out" in card
+    # the tiny run is not the cross-validated recipe (other widths, a validation case): the card says so
+    assert "**this model differs** from what was cross-validated in its training cases" in card
+    assert "model.features" in card and "split" not in card.split("its settings (")[1].split(")")[0]
     # the bundle's metadata.json (export-bundle --cv) reports the same figures from the same file
     metrics, method = eval_metrics({"metrics": None, "cv": read_cv_summary(cv_dir)}, [])
     assert abs(metrics["cv_mean_dice"] - float(found.group(1))) <= 1e-4 + 1e-9
@@ -167,3 +170,12 @@ def test_the_lctsc_readme_gives_source_licence_and_citation():
     note = data_note_text(readme)
     assert "CC BY 3.0" in note and "doi:10.7937/K9/TCIA.2017.3r3fvz08" in note
     assert "Layout" not in note
+
+
+def test_recipe_differences_name_the_settings_not_the_paths(run_dir):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    other = {**config, "data": {**config["data"], "case_dir": "/elsewhere", "cache_dir": "/tmp/c"},
+             "split": {"seed": 5}, "tracking": {"experiment": "x"}}
+    assert recipe_differences(config, other) == []
+    other["optim"] = {**config["optim"], "lr": 0.5}
+    assert recipe_differences(config, other) == ["optim.lr"]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import yaml
 
-from ctseg.config import get
-from ctseg.errors import CTSegError, ModelError
+from ctseg.config import flatten, get, read_yaml_file, resolve_config
+from ctseg.errors import ConfigError, CTSegError, ModelError
 from ctseg.infer.export import cv_lines, read_cv_summary
 from ctseg.infer.model_loader import BEST, load_checkpoint, load_model, resolve_checkpoint
 from ctseg.pretrained import CARD_NAME, FOLDER, FORMAT, MAX_BYTES, WEIGHTS
@@ -52,6 +52,7 @@ def package_model(run_dir: str | Path, output: str | Path | None = None, *, cv_d
     state = load_checkpoint(checkpoint)
     cv = read_cv_summary(Path(cv_dir)) if cv_dir is not None else None
     cv_rows = _read_cv_rows(Path(cv_dir) / "cv.csv") if cv_dir is not None else []
+    cv_differs = recipe_differences(loaded.config, _cv_config(Path(cv_dir))) if cv_dir is not None else []
     note_path = Path(data_note) if data_note is not None else _default_data_note(loaded.config)
     note = data_note_text(note_path) if note_path is not None else None
     metrics = _read_json(run_dir / "metrics.json") if run_dir.is_dir() else None
@@ -78,7 +79,7 @@ def package_model(run_dir: str | Path, output: str | Path | None = None, *, cv_d
         tmp.write_bytes(data)
     reloaded = load_model(weights, device="cpu")  # the file as users will load it
     card = model_card(reloaded, payload["source"], metrics=metrics, split=split, cv=cv, cv_rows=cv_rows,
-                      note=note, command=command, size=len(data))
+                      cv_differs=cv_differs, note=note, command=command, size=len(data))
     atomic_write_text(output / CARD_NAME, card)
     log.info("packaged %s as %s (%d bytes, sha256 %s)", checkpoint, weights, len(data), reloaded.sha256[:12])
     return weights
@@ -107,7 +108,8 @@ def half_state_dict(state_dict: dict, source: Path) -> dict:
 
 # --------------------------------------------------------------------------- the card
 def model_card(loaded, source: dict, *, metrics: dict | None, split: dict | None, cv: dict | None,
-               cv_rows: list[dict], note: str | None, command: str | None, size: int) -> str:
+               cv_rows: list[dict], cv_differs: list[str], note: str | None, command: str | None,
+               size: int) -> str:
     """MODEL_CARD.md: data, recipe, training, cross-validation figures and limits, from files."""
     config, spec = loaded.config, loaded.network
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -146,8 +148,16 @@ def model_card(loaded, source: dict, *, metrics: dict | None, split: dict | None
     else:
         lines += cv_lines(cv)[3:]  # without its own heading
         lines += cv_table(cv_rows)
-        lines += ["", "These figures describe the recipe, not this file: each fold trained the recipe on "
-                  "the other cases; this model was trained on all of them afterwards, with the recipe fixed."]
+        cv_cases = sorted(r.get("case", "") for r in cv_rows)
+        lines += ["", "These figures describe the recipe, not this file: each fold trained it on the other "
+                  "cases; " + ("this model is the same recipe trained on all of them."
+                               if cv_cases == sorted(train_cases) and not cv_differs else
+                               "**this model differs** from what was cross-validated in "
+                               + " and in ".join(
+                                   ([f"its training cases ({', '.join(train_cases) or 'unknown'} vs "
+                                     f"{', '.join(cv_cases)})"] if cv_cases != sorted(train_cases) else [])
+                                   + ([f"its settings ({', '.join(cv_differs)})"] if cv_differs else []))
+                               + ".")]
     lines += ["", "## Limits", "",
               "- Adult thoracic CT, axial series; other body regions, children and non-CT images are "
               "outside what it was trained on.",
@@ -174,8 +184,26 @@ def recipe_summary(config: dict) -> str:
             f"{get(config, 'train.time_limit_minutes')} min; augmentation: {', '.join(augment) or 'none'}.")
 
 
+RECIPE_SECTIONS = ("data", "model", "loss", "optim", "train", "augment", "infer")
+
+
 def _recipe_sections(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k in ("data", "model", "loss", "optim", "train", "augment", "infer")}
+    config = portable_config(config)
+    return {k: v for k, v in config.items() if k in RECIPE_SECTIONS}
+
+
+def recipe_differences(model_config: dict, cv_config: dict) -> list[str]:
+    """The settings (dotted keys) in which the packaged run's recipe differs from the cross-validated one."""
+    ours, theirs = flatten(_recipe_sections(model_config)), flatten(_recipe_sections(cv_config))
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+
+def _cv_config(cv_dir: Path) -> dict:
+    path = cv_dir / "config.yaml"
+    try:
+        return resolve_config(read_yaml_file(path), str(path))
+    except ConfigError as exc:
+        raise CTSegError(f"{path}: cannot read the cross-validated recipe ({exc})") from exc
 
 
 def cv_table(rows: list[dict]) -> list[str]:
