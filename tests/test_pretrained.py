@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from scipy import ndimage
 
 from ctseg.cli import DEFAULT_MODEL_ENV, main
 from ctseg.errors import ModelError
@@ -65,11 +64,13 @@ def packaged(run_dir, cv_dir, tmp_path_factory) -> Path:
     return root / "out" / WEIGHTS.name
 
 
-def predict(tmp_path: Path, phantom_dir: Path, *model: str) -> np.ndarray:
+def predict(tmp_path: Path, phantom_dir: Path, *model: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and foreground probabilities of one phantom case."""
     out = tmp_path / ("run" if model else "default")
     assert main(["predict", *model, "--input", str(phantom_dir / "Images" / CASE), "--output", str(out),
-                 "--device", "cpu"]) == 0
-    return np.asarray(nib.load(out / f"{CASE}.nii.gz").dataobj)
+                 "--device", "cpu", "--probabilities"]) == 0
+    return (np.asarray(nib.load(out / f"{CASE}.nii.gz").dataobj),
+            np.asarray(nib.load(out / "probabilities" / f"{CASE}.nii.gz").dataobj))
 
 
 def test_packaged_file_is_small_half_precision_and_loadable(packaged):
@@ -88,20 +89,18 @@ def test_packaged_file_is_small_half_precision_and_loadable(packaged):
 def test_predict_without_model_uses_the_default_and_matches_float32(packaged, run_dir, phantom_dir, tmp_path,
                                                                      monkeypatch, capsys):
     monkeypatch.setenv(DEFAULT_MODEL_ENV, str(packaged))
-    half = predict(tmp_path, phantom_dir)
+    half, half_prob = predict(tmp_path, phantom_dir)
     printed = capsys.readouterr().out
     digest = hashlib.sha256(packaged.read_bytes()).hexdigest()
     assert f"model: pretrained {packaged} (sha256 {digest[:12]})" in printed
-    full = predict(tmp_path, phantom_dir, "--model", str(run_dir))
+    full, full_prob = predict(tmp_path, phantom_dir, "--model", str(run_dir))
     assert full.any()
-    differ = half != full
-    # Half-precision weights may flip only voxels whose probability sits at the threshold: on the
-    # float32 mask's boundary, and few of them.
-    mask = full > 0
-    boundary = ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
-    assert not (differ & ~boundary).any()
-    assert differ.sum() <= 0.01 * mask.sum()
-    print(f"half vs float32: {int(differ.sum())} of {mask.size} voxels differ ({int(mask.sum())} foreground)")
+    # Half-precision weights (relative rounding <= 2**-11) move the probabilities far less than
+    # this bound, so only voxels at the threshold may flip: at most 1% of the foreground.
+    assert np.abs(half_prob - full_prob).max() <= 0.02
+    differ = int((half != full).sum())
+    assert differ <= 0.01 * (full > 0).sum()
+    print(f"half vs float32: {differ} of {full.size} voxels differ ({int((full > 0).sum())} foreground)")
 
 
 def test_card_reports_the_cv_figures_of_the_cv_folder(packaged, cv_dir):
