@@ -297,10 +297,11 @@ def _predict(args: argparse.Namespace, device, main: bool) -> int:
 
     check_writable_dir(args.output)  # before loading the model, not after the cases
     segmenter = Segmenter.load(args.model, device=device, trust_bundle=args.trust_bundle, tta=args.tta,
-                               postprocess=args.postprocess, split_lungs=args.split_lungs)
+                               postprocess=args.postprocess, split_lungs=args.split_lungs,
+                               default_model=os.environ.get(DEFAULT_MODEL_ENV) or None)
     loaded = segmenter.loaded
     if main:
-        print(f"model: {loaded.kind} {loaded.source} on {segmenter.device}")
+        print(f"model: {loaded.kind} {loaded.source} (sha256 {loaded.sha256[:12]}) on {segmenter.device}")
     progress = _Progress(main and not args.quiet and sys.stderr.isatty())
 
     def report(r) -> None:
@@ -339,6 +340,19 @@ def _cmd_export_bundle(args: argparse.Namespace) -> int:
                         cv_dir=args.cv)
     print(f"wrote MONAI bundle {out}; run it from that folder with\n  python -m monai.bundle run "
           "--config_file configs/inference.yaml --dataset_dir CASES --output_dir MASKS")
+    return 0
+
+
+#: Another file as `ctseg predict`'s default model (read here only, passed down as an argument).
+DEFAULT_MODEL_ENV = "CTSEG_DEFAULT_MODEL"
+
+
+def _cmd_package_model(args: argparse.Namespace) -> int:
+    from ctseg.infer.package import package_model
+
+    weights = package_model(args.run, args.output, cv_dir=args.cv, data_note=args.data_note,
+                            command=args.train_command)
+    print(f"wrote {weights} ({weights.stat().st_size:,} bytes) and {weights.parent / 'MODEL_CARD.md'}")
     return 0
 
 
@@ -477,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("predict", help="segment CT cases into one NIfTI label map per case")
-    p.add_argument("--model", type=Path, required=True, help="run folder, checkpoint file or bundle folder")
+    p.add_argument("--model", type=Path, default=None,
+                   help="run folder, checkpoint file or bundle folder (default: the lung model shipped "
+                        f"in the package, ctseg/pretrained/lungs.pt; ${DEFAULT_MODEL_ENV} names another)")
     p.add_argument("-i", "--input", type=Path, required=True,
                    help="DICOM series folder, case folder (any layout), or an image file: "
                         "NIfTI, NRRD, MHA/MHD, multi-frame DICOM")
@@ -527,6 +543,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=_cmd_cv)
+
+    p = sub.add_parser("package-model", help="a trained run as the package's default lung model "
+                                             "(half precision, <= 2 MB) with its model card")
+    p.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                   help="trained run folder (its kept checkpoint, checkpoints/best.pt)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="folder for lungs.pt and MODEL_CARD.md (default: the package's ctseg/pretrained/)")
+    p.add_argument("--cv", type=Path, default=None, metavar="CV_DIR",
+                   help="a `ctseg cv` output folder of the same recipe: its figures go into the card")
+    p.add_argument("--data-note", type=Path, default=None, metavar="README",
+                   help="the training data's README (source, licence, citation are quoted); default: "
+                        "README.md of the run's case folder, when there is one")
+    p.add_argument("--train-command", default=None, metavar="TEXT",
+                   help="the command that trained the run, quoted in the card")
+    p.set_defaults(func=_cmd_package_model)
 
     for command in sub.choices.values():
         _logging_options(command, top=False)

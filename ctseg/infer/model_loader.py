@@ -1,7 +1,11 @@
 """One loader for every form a trained model travels in: run folder, checkpoint file, MONAI bundle.
 
 - RUN_DIR (has `checkpoints/`): its `checkpoints/best.pt`;
-- CHECKPOINT: a file in the training checkpoint format (written by `ctseg.train.checkpoint`);
+- CHECKPOINT: a file in the training checkpoint format (written by `ctseg.train.checkpoint`), or
+  a packaged model (`ctseg package-model`: the same entries, weights in half precision, read
+  back as float32; on CUDA autocast does the rest);
+- nothing (`path=None`): the packaged default lung model, `ctseg.pretrained.WEIGHTS` unless
+  `default` names another file (`default_model_path`);
 - BUNDLE_DIR (has `configs/inference.yaml`): the network described by the bundle's `network_def`
   and the ctseg config it carries (`ctseg_config`), weights from `models/model.pt`.
 
@@ -17,6 +21,7 @@ expressions and instantiates any `_target_`, is used only with `trust_bundle=Tru
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from ctseg.slices import context_slices
 from ctseg.errors import ConfigError, ModelError
 from ctseg.infer.volume import output_channels
 from ctseg.networks import build_network
+from ctseg.pretrained import BUILD_HINT, FORMAT as PRETRAINED_FORMAT, WEIGHTS as PRETRAINED_WEIGHTS
 from ctseg.utils import pick_device
 
 log = logging.getLogger(__name__)
@@ -53,17 +59,36 @@ class LoadedModel:
     config: dict
     network: dict | None  # registry spec {name, in_channels, out_channels, features, kwargs}
     source: Path
-    kind: str  # "run", "checkpoint" or "bundle"
+    kind: str  # "run", "checkpoint", "pretrained" or "bundle"
+    sha256: str = ""  # of the weights file, so a log names exactly which model segmented
 
 
 def is_bundle(path: Path) -> bool:
     return (Path(path) / BUNDLE_CONFIG).is_file()
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None,
-               trust_bundle: bool = False) -> LoadedModel:
-    """Load a run folder, a checkpoint file or a bundle folder (see the module docstring)."""
-    path = Path(path)
+def default_model_path(default: str | Path | None = None) -> Path:
+    """The packaged default model (or `default`, e.g. a test's file); refused when it is absent."""
+    path = Path(default) if default is not None else PRETRAINED_WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"{path}: no packaged default model here (this checkout ships no trained "
+                         f"weights yet); {BUILD_HINT}, or give --model RUN_DIR|CHECKPOINT|BUNDLE")
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path | None, device: str | torch.device | None = None,
+               trust_bundle: bool = False, default: str | Path | None = None) -> LoadedModel:
+    """Load a run folder, a checkpoint file, a bundle folder or, for `path=None`, the packaged
+    default model (see the module docstring)."""
+    path = Path(path) if path is not None else default_model_path(default)
     device = pick_device(str(device) if device is not None else None)
     if path.is_dir() and is_bundle(path):
         return _load_bundle(path, device, trust_bundle)
@@ -81,9 +106,21 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
     config["data"].update(case_dir=None, cache_dir=None)
     check_network(spec, config, checkpoint)
     model = build_model(spec, checkpoint)
-    load_weights(model, state["model"], checkpoint)
-    return LoadedModel(model.to(device).eval(), config, spec, checkpoint,
-                       "run" if path.is_dir() else "checkpoint")
+    load_weights(model, as_float32(state["model"]), checkpoint)
+    kind = ("run" if path.is_dir() else
+            "pretrained" if state.get("format") == PRETRAINED_FORMAT else "checkpoint")
+    loaded = LoadedModel(model.to(device).eval(), config, spec, checkpoint, kind, file_sha256(checkpoint))
+    log.info("model: %s %s (sha256 %s)", kind, checkpoint, loaded.sha256[:12])
+    return loaded
+
+
+def as_float32(state_dict: Any) -> Any:
+    """Half-precision weights (a packaged model) as float32: CPU inference runs in float32, and
+    CUDA's autocast picks half precision per operation from float32 weights."""
+    if not isinstance(state_dict, dict):
+        return state_dict
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v
+            for k, v in state_dict.items()}
 
 
 def network_spec(config: dict) -> dict:
@@ -207,7 +244,7 @@ def _load_bundle(bundle: Path, device: torch.device, trust: bool) -> LoadedModel
         check_network(spec, config, config_path)
         model = build_model(spec, config_path)
     load_weights(model, state, weights)
-    return LoadedModel(model.to(device).eval(), config, spec, bundle, "bundle")
+    return LoadedModel(model.to(device).eval(), config, spec, bundle, "bundle", file_sha256(weights))
 
 
 def _registry_spec(network_def: Any, source: Path) -> dict:

@@ -4,6 +4,7 @@
     from ctseg.io import load_image
 
     segmenter = Segmenter.load("runs/lctsc")            # run folder, checkpoint or bundle, once
+                                                        # (Segmenter.load(): the packaged lung model)
     for path in ["case1/", "case2.nii.gz"]:
         labels = segmenter(load_image(path))            # (z, y, x) uint8 on the CT's grid
 
@@ -75,10 +76,13 @@ class Segmenter:
                               f"{self.classes} classes")
 
     @classmethod
-    def load(cls, model: str | Path, device: str | torch.device | None = None, *,
-             trust_bundle: bool = False, **settings) -> "Segmenter":
-        """Load a run folder, checkpoint or bundle (`ctseg.infer.model_loader.load_model`)."""
-        return cls(load_model(model, device=device, trust_bundle=trust_bundle), **settings)
+    def load(cls, model: str | Path | None = None, device: str | torch.device | None = None, *,
+             trust_bundle: bool = False, default_model: str | Path | None = None,
+             **settings) -> "Segmenter":
+        """Load a run folder, checkpoint or bundle (`ctseg.infer.model_loader.load_model`); without
+        `model`, the packaged default lung model (or the file `default_model` names)."""
+        return cls(load_model(model, device=device, trust_bundle=trust_bundle, default=default_model),
+                   **settings)
 
     @property
     def device(self) -> torch.device:
