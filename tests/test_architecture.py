@@ -33,7 +33,7 @@ LAYERS = {
     "slices": 6.5,  # what the network sees, MONAI-free: transforms (training) and infer both read it
     "io": 7, "networks": 7, "config": 7, "distributed": 7,
     "outputs": 8,  # which files a command may replace (io and the stages above write through it)
-    "utils": 9,
+    "utils": 9, "pretrained": 9,  # pretrained: where the packaged weights and their card live (paths only)
     "errors": 10, "": 10,  # "": the package root (`ctseg.__version__`)
 }
 

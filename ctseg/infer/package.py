@@ -174,14 +174,14 @@ def model_card(loaded, source: dict, *, metrics: dict | None, split: dict | None
 
 def recipe_summary(config: dict) -> str:
     """One sentence of the settings that make the recipe, read from the config."""
-    augment = [name for name, value in (get(config, "augment", {}) or {}).items()
+    augment = [name for name, value in (get(config, "augment") or {}).items()
                if isinstance(value, dict) and float(value.get("prob", 0) or 0) > 0]
     return (f"Network `{get(config, 'model.name')}` (features {get(config, 'model.features')}); "
             f"slices {get(config, 'data.size')} px"
             + (f", spacing {get(config, 'data.spacing')} mm" if get(config, "data.spacing") is not None else "")
             + f", HU window {get(config, 'data.window')}, 2.5D context {get(config, 'data.context')}; "
             f"optimizer {get(config, 'optim.name')} at LR {get(config, 'optim.lr')}, schedule "
-            f"`{get(config, 'optim.schedule')}`, EMA {get(config, 'train.ema')}, selection "
+            f"`{get(config, 'optim.schedule')}`, EMA {get(config, 'train.ema') or 'off'}, selection "
             f"`{get(config, 'train.selection')}`; budget {get(config, 'train.epochs')} epochs, time limit "
             f"{get(config, 'train.time_limit_minutes')} min; augmentation: {', '.join(augment) or 'none'}.")
 
