@@ -92,13 +92,18 @@ class Segmenter:
 
     def segment(self, volume: CTVolume | np.ndarray, affine: np.ndarray | None = None, *,
                 probabilities: bool = False,
-                on_slices: Callable[[int, int], None] | None = None) -> Segmentation:
-        """Labels of one volume (and its class probabilities when asked for)."""
+                on_slices: Callable[[int, int], None] | None = None,
+                spacing_yx: tuple[float, float] | None = None) -> Segmentation:
+        """Labels of one volume (and its class probabilities when asked for).
+
+        A model trained with `data.spacing` needs the in-plane spacing (mm): a CTVolume carries it,
+        an array needs `spacing_yx`."""
         hu = volume.array if isinstance(volume, CTVolume) else np.asarray(volume)
         if isinstance(volume, CTVolume):
             affine = volume.affine
+            spacing_yx = (float(volume.spacing[1]), float(volume.spacing[2]))
         labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices,
-                                       probabilities=probabilities)
+                                       probabilities=probabilities, spacing_yx=spacing_yx)
         labels = postprocess_labels(labels, self.steps)
         if self.split_lungs:
             if affine is None:
