@@ -177,9 +177,11 @@ def _set(transforms: list[dict], target: str, where: str, **values: Any) -> None
 
 
 def _preprocessing(settings: dict, key: str, ctseg_config: dict) -> None:
-    """The run's window, size and 2.5D context written into the MONAI transforms of `key`."""
+    """The run's field of view, window, size and 2.5D context written into the MONAI transforms of `key`."""
     lo, hi = hu_window(ctseg_config)
     transforms = _transforms(settings, key)
+    _set(transforms, "scripts.transforms.FieldOfViewd", key, spacing=get(ctseg_config, "data.spacing"),
+         size=list(training_size(ctseg_config)))
     _set(transforms, "ScaleIntensityRanged", key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
     _set(transforms, "Resized", key, spatial_size=list(training_size(ctseg_config)))
     _set(transforms, "scripts.transforms.StackContextd", key, context=int(get(ctseg_config, "data.context", 1)))
