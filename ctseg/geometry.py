@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["AIR_HU", "BODY_HU", "Box", "body_centre", "crop_or_pad", "fov_box", "uncrop"]
+__all__ = ["AIR_HU", "BODY_HU", "Box", "background_fill", "body_centre", "crop_or_pad", "fov_box", "uncrop"]
 
 AIR_HU = -1024.0  # padding of HU images: air, 0 after any lung window
 BODY_HU = -500.0  # voxels above this are body (or table), below it air and lung
@@ -84,3 +84,9 @@ def uncrop(volume_czyx: np.ndarray, box: Box, shape_yx: Sequence[int],
     iy, ix, by, bx = _overlap(box, shape_yx)
     out[..., iy, ix] = volume_czyx[..., by, bx]
     return out
+
+
+def background_fill(channels: int) -> tuple[float, ...]:
+    """`uncrop`'s fill for class probabilities: outside the field of view is background, i.e.
+    foreground 0 (one sigmoid channel), or background 1 and every other class 0 (softmax)."""
+    return (0.0,) if channels == 1 else (1.0,) + (0.0,) * (channels - 1)

@@ -20,7 +20,9 @@ from ctseg.data.cases import discover_cases
 from ctseg.data.dataset import context_slices, stack_context
 from ctseg.errors import ConfigError, ModelError
 from ctseg.geometry import AIR_HU, Box, body_centre, crop_or_pad, fov_box, uncrop
+from ctseg.infer import Segmenter
 from ctseg.infer.volume import field_of_view, predict_volume, preprocess_volume
+from ctseg.io import load_image
 from ctseg.transforms import preprocess_transforms
 
 SIZE = [128, 128]
@@ -184,3 +186,10 @@ def test_bundle_writes_the_masks_of_ctseg_predict_with_a_spacing(phantom_dir, tm
         assert (out / f"{case}.nii.gz").read_bytes() == (expected / f"{case}.nii.gz").read_bytes(), case
     assert sum(np.count_nonzero(nib.load(out / f"{c}.nii.gz").dataobj)
                for c in ("Phantom_000", "Phantom_001", "Phantom_002")) > 0
+
+    # the Python API reads the spacing from a CTVolume, or from an array's affine
+    segmenter = Segmenter.load(run, device="cpu")
+    volume = load_image(phantom_dir / "Images" / "Phantom_000")
+    np.testing.assert_array_equal(segmenter(volume.array, volume.affine), segmenter(volume))
+    with pytest.raises(ModelError, match="spacing"):
+        segmenter(volume.array)

@@ -87,6 +87,7 @@ KEEP_LARGEST = Check("an integer in [0, 64], null, or a mapping {label: integer}
                          isinstance(v, dict) and len(v) <= 255
                          and all(_is_int(k) and integer(0, 64).test(n) for k, n in v.items())))
 MAX_SIZE = 2048  # in-plane pixels: 2048x2048 slices are 16 MB each as float32
+MM = number(0, 100, above=True)  # an in-plane spacing, mm per pixel
 
 
 def setting(default: Any, check: Check) -> Any:
@@ -111,7 +112,7 @@ class DataConfig:
     context: int = setting(1, integer(1, 31))                   # 2.5D: odd number of slices as channels
     # In-plane mm per network pixel, a number or [sy, sx]: the input covers size*spacing mm around
     # the body (ctseg/geometry.py). None: every slice resized from its pixel count to `size`.
-    spacing: Any = setting(None, optional(either(number(0, 100, above=True), items(number(0, 100, above=True), 2, 2))))
+    spacing: Any = setting(None, optional(either(MM, items(MM, 2, 2))))
     num_classes: int = setting(2, integer(2, 255))              # incl. background; 2 = sigmoid
     foreground_ratio: Optional[float] = setting(None, optional(number(0, 1)))  # None: natural
     cache_dir: Optional[str] = setting(None, optional(TEXT))    # None: $CTSEG_CACHE_DIR or ./.cache

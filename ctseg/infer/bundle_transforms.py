@@ -36,7 +36,7 @@ from monai.data import MetaTensor
 
 from ctseg.data.cases import Case, discover_cases
 from ctseg.errors import CTSegError, DicomError
-from ctseg.geometry import AIR_HU, Box, crop_or_pad, fov_box, uncrop
+from ctseg.geometry import AIR_HU, Box, background_fill, crop_or_pad, fov_box, uncrop
 from ctseg.io import load_image, load_mask, save_nifti
 from ctseg.io.nifti import nifti_stem
 
@@ -200,8 +200,7 @@ class RestoreSlicesd(mt.MapTransform):
             probs = mt.Resize(spatial_size=(out_rows, out_cols), mode="bilinear")(probs)
             probs = torch.as_tensor(probs).reshape(channels, depth, out_rows, out_cols)
             if box is not None:  # outside the field of view: background, as `ctseg predict`
-                fill = (0.0,) if channels == 1 else (1.0,) + (0.0,) * (channels - 1)
-                probs = torch.from_numpy(uncrop(probs.numpy(), box, (rows, cols), fill))
+                probs = torch.from_numpy(uncrop(probs.numpy(), box, (rows, cols), background_fill(channels)))
             restored = probs.permute(0, 3, 2, 1).contiguous()
             d[key] = MetaTensor(restored, affine=affine, meta={"original_affine": affine.clone(),
                                                                "space": "RAS"})

@@ -28,10 +28,11 @@ from monai.utils import convert_to_tensor
 from ctseg.config import config_view
 from ctseg.data.dataset import context_slices, stack_context
 from ctseg.errors import ModelError
-from ctseg.geometry import AIR_HU, Box, crop_or_pad, fov_box, uncrop
+from ctseg.geometry import AIR_HU, Box, background_fill, crop_or_pad, fov_box, uncrop
 from ctseg.transforms import num_classes, output_channels, preprocess_transforms, training_size
 
-__all__ = ["field_of_view", "inference_batch_size", "num_classes", "output_channels", "predict_volume", "preprocess_volume"]
+__all__ = ["field_of_view", "inference_batch_size", "num_classes", "output_channels", "predict_volume",
+           "preprocess_volume"]
 
 # Slices per forward pass for `infer.batch_size: auto`. On CPU small batches keep a layer's
 # activations in cache: the lung U-Net (8..64 features, 256x256) runs ~25 slices/s at 2-4 slices
@@ -162,12 +163,6 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     if not probabilities:
         return labels.numpy(), None
     return labels.numpy(), probs.numpy().astype(np.float32, copy=False)
-
-
-def background_fill(channels: int) -> tuple[float, ...]:
-    """Probabilities of a pixel outside the field of view: foreground 0 (sigmoid, one channel),
-    or background 1 and every class 0 (softmax)."""
-    return (0.0,) if channels == 1 else (1.0,) + (0.0,) * (channels - 1)
 
 
 def _activate(logits: torch.Tensor, config: dict) -> torch.Tensor:
