@@ -42,7 +42,7 @@ def body_centre(hu_zyx: np.ndarray) -> tuple[float, float]:
     ys, xs = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if ys.size == 0:
         return (rows - 1) / 2, (cols - 1) / 2
-    return (ys[0] + ys[-1]) / 2, (xs[0] + xs[-1]) / 2
+    return float(ys[0] + ys[-1]) / 2, float(xs[0] + xs[-1]) / 2
 
 
 def fov_box(hu_zyx: np.ndarray, spacing_yx: Sequence[float], target_spacing_yx: Sequence[float],
