@@ -139,7 +139,7 @@ def _ctseg_stages(loaded, case: Path, out: Path) -> dict:
     volume = load_series(case)
     times["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    labels, _ = predict_volume(loaded.model, volume.array, loaded.config, "cpu")
+    labels, _ = predict_volume(loaded.model, volume.array, loaded.config, "cpu", spacing_yx=volume.spacing[1:])
     times["infer"] = time.perf_counter() - t
     t = time.perf_counter()
     labels = postprocess_labels(labels, postprocess_steps(loaded.config, num_classes(loaded.config)))

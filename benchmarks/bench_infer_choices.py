@@ -45,12 +45,14 @@ def _inputs(config: dict, slices: int) -> torch.Tensor:
 
     case = LCTSC / "Images" / "Case_009"
     if case.exists():
-        hu = load_image(case).array
+        volume = load_image(case)
+        hu, spacing_yx = volume.array, volume.spacing[1:]
     else:
         from ctseg.data.phantom import phantom_case
-        hu = phantom_case(np.random.default_rng(0), rows=512, cols=512, slices=slices)[0]
+        hu, _, geometry = phantom_case(np.random.default_rng(0), rows=512, cols=512, slices=slices)
+        spacing_yx = (geometry.pixel_spacing, geometry.pixel_spacing)
     mid = hu.shape[0] // 2
-    return preprocess_volume(hu[max(mid - slices // 2, 0): mid + slices // 2], config)
+    return preprocess_volume(hu[max(mid - slices // 2, 0): mid + slices // 2], config, spacing_yx=spacing_yx)
 
 
 def main() -> None:

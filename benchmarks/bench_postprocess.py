@@ -44,8 +44,9 @@ def main() -> None:
     print(f"{args.rounds} rounds, medians; steps {[name for name, _ in steps]}")
     print("| case | slices | MONAI s | ctseg (scipy) s | equal |\n|---|---|---|---|---|")
     for case in cases:
-        hu = load_image(case).array
-        labels, _ = predict_volume(loaded.model, hu, loaded.config, "cpu", probabilities=False)
+        volume = load_image(case)
+        labels, _ = predict_volume(loaded.model, volume.array, loaded.config, "cpu", probabilities=False,
+                                   spacing_yx=volume.spacing[1:])
         times = {"monai": [], "ctseg": []}
         for _ in range(args.rounds):
             start = time.perf_counter()

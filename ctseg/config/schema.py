@@ -87,6 +87,7 @@ KEEP_LARGEST = Check("an integer in [0, 64], null, or a mapping {label: integer}
                          isinstance(v, dict) and len(v) <= 255
                          and all(_is_int(k) and integer(0, 64).test(n) for k, n in v.items())))
 MAX_SIZE = 2048  # in-plane pixels: 2048x2048 slices are 16 MB each as float32
+MM = number(0, 100, above=True)  # an in-plane spacing, mm per pixel
 
 
 def setting(default: Any, check: Check) -> Any:
@@ -109,6 +110,9 @@ class DataConfig:
     window: tuple = setting([-1000, 400], items(number(-100_000, 100_000), 2, 2))  # HU -> [0, 1]
     size: Any = setting([256, 256], either(integer(8, MAX_SIZE), items(integer(8, MAX_SIZE), 2, 2)))
     context: int = setting(1, integer(1, 31))                   # 2.5D: odd number of slices as channels
+    # In-plane mm per network pixel, a number or [sy, sx]: the input covers size*spacing mm around
+    # the body (ctseg/geometry.py). None: every slice resized from its pixel count to `size`.
+    spacing: Any = setting(None, optional(either(MM, items(MM, 2, 2))))
     num_classes: int = setting(2, integer(2, 255))              # incl. background; 2 = sigmoid
     foreground_ratio: Optional[float] = setting(None, optional(number(0, 1)))  # None: natural
     cache_dir: Optional[str] = setting(None, optional(TEXT))    # None: ./.cache (the CLI: $CTSEG_CACHE_DIR)
@@ -287,6 +291,14 @@ class Config:
         """`data.size` as (H, W)."""
         s = self.data.size
         return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def spacing(self) -> tuple[float, float] | None:
+        """`data.spacing` as (sy, sx) mm, or None (resize by pixel count)."""
+        s = self.data.spacing
+        if s is None:
+            return None
+        return (float(s), float(s)) if not isinstance(s, (list, tuple)) else (float(s[0]), float(s[1]))
 
 
 #: Settings a `--resume` may change: how long to train, where things are, how it is tracked and

@@ -5,7 +5,9 @@ Each case is therefore read once (through `ctseg.io`, so geometry and HU are exa
 `ctseg convert` gives) into an entry keyed by the source files' identity (path, size,
 modification time): `preprocessed/<source key>/{hu,label}.npy` at original resolution (what
 validation and QC measure on). Inside it, one folder per preprocessing setting (HU window,
-training size, classes) holds the windowed, resized training arrays (image and soft labels), so
+training size, in-plane spacing, classes) holds the windowed, resized training arrays (image and
+soft labels; with `data.spacing`, first cropped or padded to the body-centred field of view of
+`ctseg.geometry`, as `predict_volume` does), so
 new settings are derived from the cached HU without touching DICOM again. A changed source file
 gives a new key.
 Only geometry goes into `meta.json`: no patient identifier enters the cache.
@@ -26,7 +28,9 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
+from ctseg.config import config_view
 from ctseg.errors import MaskError
+from ctseg.geometry import AIR_HU, crop_or_pad, fov_box
 from ctseg.io import load_image, load_mask
 from ctseg.transforms import (hu_window, label_channels, num_classes, output_channels, preprocess_transforms,
                               training_size)
@@ -111,7 +115,7 @@ def source_identity(case: CaseLike) -> dict:
 def preprocessing_settings(config: dict) -> dict:
     return {"window": list(hu_window(config)), "size": list(training_size(config)),
             "label_channels": output_channels(config), "classes": num_classes(config),
-            "resize": "bilinear, image anti-aliased, soft labels"}
+            "resize": "bilinear, image anti-aliased, soft labels", "spacing": config_view(config).spacing}
 
 
 def _key(obj: dict) -> str:
@@ -173,10 +177,17 @@ def _write_source(case: CaseLike, entry: Path) -> None:
 def _write_derived(entry: Path, derived: Path, settings: dict, config: dict) -> None:
     has_label = (entry / "label.npy").is_file()
     hu = np.load(entry / "hu.npy").astype(np.float32)
+    label = np.load(entry / "label.npy") if has_label else None
+    target = config_view(config).spacing
+    if target is not None:  # the field of view data.size * data.spacing mm around the body
+        spacing_yx = json.loads((entry / "meta.json").read_text())["spacing"][1:]
+        box = fov_box(hu, spacing_yx, target, training_size(config))
+        hu = crop_or_pad(hu, box, AIR_HU)
+        label = crop_or_pad(label, box, 0) if label is not None else None
     sample = {"image": hu}
     keys: tuple[str, ...] = ("image",)
-    if has_label:
-        sample["label"] = label_channels(np.load(entry / "label.npy"), config)
+    if label is not None:
+        sample["label"] = label_channels(label, config)
         keys = ("image", "label")
     out = preprocess_transforms(config, keys)(sample)
     with _atomic_dir(derived, "settings.json") as tmp:

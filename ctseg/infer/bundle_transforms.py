@@ -1,7 +1,7 @@
 """The bundle's own MONAI components: `ctseg export-bundle` ships this module as `scripts/transforms.py`.
 
 A MONAI bundle must run where only MONAI and a few indexed packages are installed, so this module
-imports nothing of ctseg but `ctseg.errors`, `ctseg.io` and `ctseg.data.cases`, which the export
+imports nothing of ctseg but `ctseg.errors`, `ctseg.io`, `ctseg.geometry` and `ctseg.data.cases`, which the export
 vendors beside it (imports rewritten to `scripts.`); everything else is torch, numpy and MONAI.
 The bundle configs name these by `_target_` around MONAI's own transforms:
 
@@ -9,8 +9,12 @@ The bundle configs name these by `_target_` around MONAI's own transforms:
   per case, NIfTI files) as MONAI data dicts, with labels for training;
 - `LoadCTSeriesd`: a case's CT (and mask) through the vendored `io` as (1, x, y, z) MetaTensors with
   the RAS affine, what `LoadImaged` + `EnsureChannelFirstd` give for the NIfTI `ctseg convert` writes;
+- `FieldOfViewd`: with the run's `data.spacing`, each (z, y, x) volume cropped or padded to the
+  body-centred box of pixels the network input covers (`ctseg.geometry`), the box kept in the
+  image's metadata;
 - `StackContextd`: 2.5D context, each axial slice with its neighbours as channels;
-- `RestoreSlicesd`: per-slice class probabilities resized back to the CT's grid, in MONAI's layout;
+- `RestoreSlicesd`: per-slice class probabilities resized back to the CT's grid (through the field
+  of view's box when there is one), in MONAI's layout;
 - `InForegroundBoxd`: runs MONAI label transforms in the foreground's bounding box (same result,
   a fraction of the time);
 - `SaveCTMaskd`: `<output_dir>/<case>.nii.gz` through the vendored NIfTI writer.
@@ -32,6 +36,7 @@ from monai.data import MetaTensor
 
 from ctseg.data.cases import Case, discover_cases
 from ctseg.errors import CTSegError, DicomError
+from ctseg.geometry import AIR_HU, Box, background_fill, crop_or_pad, fov_box, uncrop
 from ctseg.io import load_image, load_mask, save_nifti
 from ctseg.io.nifti import nifti_stem
 
@@ -97,6 +102,43 @@ class LoadCTSeriesd(mt.MapTransform):
         return d
 
 
+class FieldOfViewd(mt.MapTransform):
+    """(z, y, x) volumes cropped or padded to the box `size` pixels of `spacing` mm cover, centred
+    on the body of `image_key` (`ctseg.geometry.fov_box`), as `ctseg predict` does; identity when
+    `spacing` is None. The image pads with air, other keys (labels) with 0. The in-plane spacing
+    comes from the loaded CT's `original_affine`; the box goes into the image's metadata
+    (`fov_box`: y0, x0, rows, cols) for `RestoreSlicesd`.
+    """
+
+    def __init__(self, keys: KeysCollection, spacing: float | Sequence[float] | None,
+                 size: Sequence[int], image_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spacing = None if spacing is None else (
+            (float(spacing),) * 2 if np.isscalar(spacing) else tuple(float(s) for s in spacing))
+        self.size = tuple(int(s) for s in size)
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.spacing is None:
+            return d
+        image = d[self.image_key]
+        if image.ndim != 3:
+            raise CTSegError(f"FieldOfViewd: expected a (z, y, x) volume, got {tuple(image.shape)}")
+        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        spacing_yx = (float(np.linalg.norm(affine[:3, 1])), float(np.linalg.norm(affine[:3, 0])))
+        box = fov_box(image.numpy(), spacing_yx, self.spacing, self.size)
+        for key in self.key_iterator(d):
+            volume = d[key]
+            fill = AIR_HU if key == self.image_key else 0
+            cropped = torch.from_numpy(crop_or_pad(volume.numpy(), box, fill))
+            meta = dict(volume.meta)
+            if key == self.image_key:
+                meta["fov_box"] = np.asarray([box.y0, box.x0, box.rows, box.cols])
+            d[key] = MetaTensor(cropped, affine=volume.affine, meta=meta)
+        return d
+
+
 def context_indices(z: int, depth: int, k: int) -> np.ndarray:
     """Indices of the k slices centred on z, clamped to [0, depth) (edge slices repeat)."""
     return np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, depth - 1)
@@ -132,7 +174,9 @@ class RestoreSlicesd(mt.MapTransform):
 
     Bilinear resizing of each (H, W) map to the CT's (y, x), applied to probabilities (before
     thresholding), so boundaries fall at the CT's resolution. The grid and affine come from the
-    loaded CT (`image_key`'s `spatial_shape` and `original_affine`).
+    loaded CT (`image_key`'s `spatial_shape` and `original_affine`). After `FieldOfViewd` (a
+    `fov_box` in the metadata) the maps are resized to the box and placed into the grid, background
+    outside it.
     """
 
     def __init__(self, keys: KeysCollection = "pred", image_key: str = "image",
@@ -145,14 +189,18 @@ class RestoreSlicesd(mt.MapTransform):
         meta = d[self.image_key].meta
         cols, rows, depth = (int(s) for s in meta["spatial_shape"])
         affine = torch.as_tensor(meta["original_affine"], dtype=torch.float64)
+        box = Box(*(int(v) for v in meta["fov_box"])) if "fov_box" in meta else None
+        out_rows, out_cols = (box.rows, box.cols) if box is not None else (rows, cols)
         for key in self.key_iterator(d):
             probs = torch.as_tensor(d[key]).float()
             channels = probs.shape[0]
             if probs.ndim != 4 or probs.shape[1] != depth:
                 raise CTSegError(f"RestoreSlicesd: expected ({channels}, {depth}, H, W), got {tuple(probs.shape)}")
             probs = probs.reshape(channels * depth, *probs.shape[2:])
-            probs = mt.Resize(spatial_size=(rows, cols), mode="bilinear")(probs)
-            probs = torch.as_tensor(probs).reshape(channels, depth, rows, cols)
+            probs = mt.Resize(spatial_size=(out_rows, out_cols), mode="bilinear")(probs)
+            probs = torch.as_tensor(probs).reshape(channels, depth, out_rows, out_cols)
+            if box is not None:  # outside the field of view: background, as `ctseg predict`
+                probs = torch.from_numpy(uncrop(probs.numpy(), box, (rows, cols), background_fill(channels)))
             restored = probs.permute(0, 3, 2, 1).contiguous()
             d[key] = MetaTensor(restored, affine=affine, meta={"original_affine": affine.clone(),
                                                                "space": "RAS"})

@@ -168,6 +168,12 @@ def network_def(spec: dict) -> dict:
     return {"_target_": "scripts.networks.build_network", **args, **copy.deepcopy(spec.get("kwargs") or {})}
 
 
+def _yaml_spacing(config: dict) -> float | list[float] | None:
+    """`data.spacing` as written in the config, in a form YAML keeps (FieldOfViewd takes both)."""
+    spacing = config_view(config).data.spacing
+    return list(spacing) if isinstance(spacing, (list, tuple)) else spacing
+
+
 def _set(transforms: list[dict], target: str, where: str, **values: Any) -> None:
     """Set `values` on the one transform of `transforms` whose `_target_` is `target`."""
     found = [t for t in transforms if isinstance(t, dict) and t.get("_target_") == target]
@@ -177,9 +183,11 @@ def _set(transforms: list[dict], target: str, where: str, **values: Any) -> None
 
 
 def _preprocessing(settings: dict, key: str, ctseg_config: dict) -> None:
-    """The run's window, size and 2.5D context written into the MONAI transforms of `key`."""
+    """The run's field of view, window, size and 2.5D context written into the MONAI transforms of `key`."""
     lo, hi = hu_window(ctseg_config)
     transforms = _transforms(settings, key)
+    _set(transforms, "scripts.transforms.FieldOfViewd", key, spacing=_yaml_spacing(ctseg_config),
+         size=list(training_size(ctseg_config)))
     _set(transforms, "ScaleIntensityRanged", key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
     _set(transforms, "Resized", key, spatial_size=list(training_size(ctseg_config)))
     _set(transforms, "scripts.transforms.StackContextd", key, context=config_view(ctseg_config).data.context)

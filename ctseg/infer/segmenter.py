@@ -9,8 +9,8 @@
         labels = segmenter(load_image(path))            # (z, y, x) uint8 on the CT's grid
 
 A volume is a `CTVolume` (what `ctseg.io.load_image` returns) or a (z, y, x) HU array (then
-`split_lungs` needs its `affine`). `ctseg predict` runs every case through the same object, so
-the API and the command give the same masks.
+`split_lungs`, and a model trained with `data.spacing`, need its `affine`). `ctseg predict` runs
+every case through the same object, so the API and the command give the same masks.
 """
 
 from __future__ import annotations
@@ -97,13 +97,21 @@ class Segmenter:
 
     def segment(self, volume: CTVolume | np.ndarray, affine: np.ndarray | None = None, *,
                 probabilities: bool = False,
-                on_slices: Callable[[int, int], None] | None = None) -> Segmentation:
-        """Labels of one volume (and its class probabilities when asked for)."""
+                on_slices: Callable[[int, int], None] | None = None,
+                spacing_yx: tuple[float, float] | None = None) -> Segmentation:
+        """Labels of one volume (and its class probabilities when asked for).
+
+        A model trained with `data.spacing` needs the in-plane spacing (mm): a CTVolume carries it,
+        an array needs `spacing_yx` or its RAS `affine` (for (x, y, z) indices)."""
         hu = volume.array if isinstance(volume, CTVolume) else np.asarray(volume)
         if isinstance(volume, CTVolume):
             affine = volume.affine
+            spacing_yx = (float(volume.spacing[1]), float(volume.spacing[2]))
+        elif spacing_yx is None and affine is not None:
+            columns = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :2], axis=0)  # x, y steps
+            spacing_yx = (float(columns[1]), float(columns[0]))
         labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices,
-                                       probabilities=probabilities)
+                                       probabilities=probabilities, spacing_yx=spacing_yx)
         labels = postprocess_labels(labels, self.steps)
         if self.split_lungs:
             if affine is None:

@@ -9,7 +9,10 @@ slices in batches (`infer.batch_size` slices per forward pass, `auto` by device;
 on CUDA unless `infer.amp: false`), optionally average flipped copies (`infer.tta`: list of flip
 axes, 0 = rows, 1 = columns), and resize the class probabilities back to the original (y, x)
 before thresholding, so boundaries are placed at sub-pixel precision rather than by up-sampling a
-coarse label map. Settings are read through the schema's typed view (`ctseg.config.config_view`).
+coarse label map. With `data.spacing` set, each volume is first cropped or padded (air) to the
+body-centred box of original pixels the input covers (`ctseg.geometry`, from the source's in-plane
+spacing), and the probabilities, resized back to that box, are placed into the original grid
+(background outside it). Settings are read through the schema's typed view (`ctseg.config.config_view`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import torch
 
 from ctseg.config import config_view
 from ctseg.errors import ModelError
+from ctseg.geometry import AIR_HU, Box, background_fill, crop_or_pad, fov_box, uncrop
 from ctseg.slices import (context_slices, num_classes, output_channels, preprocess_slices, resize_slices,
-                          stack_context)
+                          stack_context, training_size)
 
-__all__ = ["inference_batch_size", "num_classes", "output_channels", "predict_volume", "preprocess_volume"]
+__all__ = ["field_of_view", "inference_batch_size", "num_classes", "output_channels", "predict_volume",
+           "preprocess_volume"]
 
 # Slices per forward pass for `infer.batch_size: auto`. On CPU small batches keep a layer's
 # activations in cache: the lung U-Net (8..64 features, 256x256) runs ~25 slices/s at 2-4 slices
@@ -44,14 +49,35 @@ def inference_batch_size(config: dict, device: torch.device) -> int:
     return int(value)
 
 
-def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.Tensor:
-    """(z, y, x) HU -> (z, k, H, W) network input, exactly as training saw its slices."""
+def field_of_view(hu_zyx: np.ndarray | torch.Tensor, config: dict,
+                  spacing_yx: tuple[float, float] | None) -> Box | None:
+    """The box of original pixels the network input covers (`ctseg.geometry.fov_box`), or None
+    when `data.spacing` is null (every slice resized whole)."""
+    cfg = config_view(config)
+    if cfg.spacing is None:
+        return None
+    if spacing_yx is None:
+        raise ModelError(f"the model was trained at data.spacing={list(cfg.spacing)} mm per pixel: "
+                         "inference needs the volume's in-plane spacing (spacing_yx)")
+    hu = hu_zyx.detach().cpu().numpy() if isinstance(hu_zyx, torch.Tensor) else np.asarray(hu_zyx)
+    return fov_box(hu, tuple(spacing_yx), cfg.spacing, cfg.size)
+
+
+def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict, *,
+                      spacing_yx: tuple[float, float] | None = None, box: Box | None = None) -> torch.Tensor:
+    """(z, y, x) HU -> (z, k, H, W) network input, exactly as training saw its slices.
+
+    `spacing_yx` (mm) is required when `data.spacing` is set; `box` skips finding the field again.
+    """
     if isinstance(hu_zyx, torch.Tensor):
         hu = hu_zyx.detach().to("cpu", torch.float32)
     else:  # a copy: cached volumes are read-only memory maps
         hu = torch.from_numpy(np.array(hu_zyx, dtype=np.float32))
     if hu.ndim != 3:
         raise ModelError(f"expected a (z, y, x) volume, got shape {tuple(hu.shape)}")
+    box = box or field_of_view(hu, config, spacing_yx)
+    if box is not None:
+        hu = torch.from_numpy(crop_or_pad(hu.numpy(), box, AIR_HU))
     return stack_context(preprocess_slices(hu, config), context_slices(config))
 
 
@@ -59,7 +85,8 @@ def preprocess_volume(hu_zyx: np.ndarray | torch.Tensor, config: dict) -> torch.
 def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, config: dict,
                    device: torch.device | str | None = None,
                    on_slices: Callable[[int, int], None] | None = None, *,
-                   probabilities: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                   probabilities: bool = True,
+                   spacing_yx: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment a (z, y, x) HU volume slice by slice.
 
     Returns `labels` (z, y, x) uint8 and `probabilities` (num_classes, z, y, x) float32 (for a
@@ -67,13 +94,16 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     `probabilities=False` the second is None and never built: a binary model then resizes and
     thresholds its one foreground channel only (the same labels, without a two-channel volume).
     `on_slices(done, total)` is called after each forward pass (total counts every TTA pass), for
-    progress bars.
+    progress bars. `spacing_yx`: the volume's in-plane (row, column) spacing in mm, required when
+    the model's `data.spacing` is set.
     """
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    inputs = preprocess_volume(hu_zyx, config)
+    box = field_of_view(hu_zyx, config, spacing_yx)
+    inputs = preprocess_volume(hu_zyx, config, box=box)
     depth, rows, cols = tuple(hu_zyx.shape)
+    out_rows, out_cols = (box.rows, box.cols) if box is not None else (rows, cols)
     expected = getattr(model, "in_channels", None)
     if expected is not None and expected != inputs.shape[1]:
         raise ModelError(f"the model takes {expected} input channel(s) but the config gives "
@@ -111,10 +141,12 @@ def predict_volume(model: torch.nn.Module, hu_zyx: np.ndarray | torch.Tensor, co
     finally:
         model.train(was_training)
 
-    # (z, C, H, W) -> (C*z, y, x) at the original in-plane size, then back to (C, z, y, x).
+    # (z, C, H, W) -> (C*z, y, x) at the original in-plane size (or the box's), then (C, z, y, x).
     channels = probs.shape[1]
     probs = probs.permute(1, 0, 2, 3).reshape(channels * depth, *probs.shape[2:])
-    probs = resize_slices(probs, (rows, cols)).reshape(channels, depth, rows, cols)
+    probs = resize_slices(probs, (out_rows, out_cols)).reshape(channels, depth, out_rows, out_cols)
+    if box is not None:  # outside the field of view: background
+        probs = torch.from_numpy(uncrop(probs.numpy(), box, (rows, cols), background_fill(channels)))
     if channels == 1:
         foreground = probs[0].clamp_(0.0, 1.0)
         labels = (foreground >= float(infer.threshold)).to(torch.uint8)

@@ -74,7 +74,7 @@ def measure_cases(
         hu = np.asarray(cached.hu, dtype=np.float32)
         if noise_hu > 0:
             hu = hu + rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
-        raw, _ = predict_volume(run.model, hu, run.config, device)
+        raw, _ = predict_volume(run.model, hu, run.config, device, spacing_yx=cached.spacing[1:])
         labels = postprocess_labels(raw, steps)
         truth = np.asarray(cached.label)
         metrics = prediction_scores(labels, raw, truth, cached.spacing, n_classes)

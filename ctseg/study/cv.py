@@ -228,7 +228,7 @@ def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Pa
     rows = []
     for case in cases:
         volume = load_case_volume(case)
-        labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev)
+        labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev, spacing_yx=volume.spacing[1:])
         path = output_path(pred_dir, case.name)
         save_nifti(postprocess_labels(labels, steps), volume.affine, path, kind="label")
         result = evaluate_case(case, path, group="test", num_classes=n_classes)

@@ -458,7 +458,8 @@ class _Trainer:
         """
         per_case, kept = {}, []
         for case in (distributed.shard(self.val_cases) if sharded else self.val_cases):
-            raw, _ = predict_volume(self.eval_model, case.hu, self.config, self.device)
+            raw, _ = predict_volume(self.eval_model, case.hu, self.config, self.device,
+                                    spacing_yx=case.spacing[1:])
             pred = postprocess_labels(raw, self.postprocess)
             truth = np.asarray(case.label)
             per_case[case.name] = prediction_scores(pred, raw, truth, case.spacing, self.num_classes,
