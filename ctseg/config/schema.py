@@ -257,6 +257,7 @@ class InferConfig:
     tta: tuple = setting([], items(integer(0, 1), 0, 2))        # flip axes averaged in
     amp: bool = setting(True, BOOLEAN)                          # float16 autocast, CUDA only
     split_lungs: bool = setting(False, BOOLEAN)                 # labels 1 right, 2 left lung
+    body_mask: bool = setting(True, BOOLEAN)                    # drop labels outside the body first
     postprocess: PostprocessConfig = section(PostprocessConfig)
 
 
