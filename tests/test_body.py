@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from ctseg.body import body_mask
+from ctseg.cli import main
+from ctseg.errors import ConfigError
 from ctseg.data.phantom import phantom_case, write_phantom_dataset
 from ctseg.infer.export import bundle_scripts, postprocess
 from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
@@ -130,8 +132,19 @@ def test_phantom_at_other_scanners_spacings_loads_back_with_lungs_of_the_same_si
     assert volumes[1.5] == pytest.approx(volumes[0.75], rel=0.03)
 
 
-def test_phantom_refuses_impossible_scanner_settings():
-    with pytest.raises(ValueError, match="z_range"):
+def test_phantom_refuses_impossible_scanner_settings(tmp_path):
+    with pytest.raises(ConfigError, match="z_range"):
         phantom_case(np.random.default_rng(0), 16, 16, 4, z_range=(0.5, 0.2))
-    with pytest.raises(ValueError, match="pixel_spacing"):
+    with pytest.raises(ConfigError, match="pixel_spacing"):
         phantom_case(np.random.default_rng(0), 16, 16, 4, pixel_spacing=0.0)
+    assert main(["phantom", str(tmp_path / "out"), "--z-range", "0.5", "0.2"]) == 2
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_ctseg_phantom_writes_another_scanners_geometry(tmp_path):
+    out = tmp_path / "scanner"
+    assert main(["phantom", str(out), "--cases", "1", "--size", "48", "--slices", "4",
+                 "--pixel-spacing", "3", "--z-range", "0.2", "0.5"]) == 0
+    volume = load_series(out / "Images" / "Phantom_000")
+    assert volume.shape == (4, 48, 48)
+    np.testing.assert_allclose(np.linalg.norm(volume.affine[:3, :2], axis=0), [3.0, 3.0])

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from ctseg.config import config_view
 from ctseg.data.cache import default_cache_dir
+from ctseg.errors import ConfigError
 from ctseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, 
     random per case unless given, and never equal the case name, so a leak is detectable. Each
     case folder is replaced as a whole, never mixed with files of an earlier run.
     """
+    _check_scanner(pixel_spacing, z_range)
     root = Path(out_dir)
     images, segmentations = root / "Images", root / "Segmentations"
     images.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,13 @@ def ensure_phantom(config: dict) -> Path:
     return final
 
 
+def _check_scanner(pixel_spacing: float | None, z_range: tuple[float, float]) -> None:
+    if not (len(z_range) == 2 and 0.0 <= float(z_range[0]) < float(z_range[1]) <= 1.0):
+        raise ConfigError(f"phantom z_range must satisfy 0 <= start < end <= 1, got {tuple(z_range)}")
+    if pixel_spacing is not None and not pixel_spacing > 0:
+        raise ConfigError(f"phantom pixel_spacing must be > 0 mm, got {pixel_spacing}")
+
+
 def _scanner_tag(pixel_spacing: float | None, z_range: tuple[float, float]) -> str:
     """What sets a dataset apart from the default scanner, for folder names and UIDs ("" if none)."""
     tag = f"-p{pixel_spacing:g}" if pixel_spacing is not None else ""
@@ -109,11 +118,8 @@ def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256, sli
     The anatomy (mm) depends on `rng` only; `pixel_spacing` (None: the field of view fits the
     body) and `z_range` (0: below the lung bases, 1: above the apex) choose how it is sampled.
     """
+    _check_scanner(pixel_spacing, z_range)
     z0, z1 = (float(v) for v in z_range)
-    if not (0.0 <= z0 < z1 <= 1.0):
-        raise ValueError(f"phantom z_range must satisfy 0 <= start < end <= 1, got {z_range}")
-    if pixel_spacing is not None and not pixel_spacing > 0:
-        raise ValueError(f"phantom pixel_spacing must be > 0 mm, got {pixel_spacing}")
     half_width = rng.uniform(140, 175)  # body half-axes (mm): left-right, anterior-posterior
     half_depth = rng.uniform(95, 125)
     fov = max(rng.uniform(380, 440), 2 * half_width + 60)  # also the table's width
