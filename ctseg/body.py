@@ -39,7 +39,10 @@ def body_mask(hu_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.nd
     features, _ = ndimage.label(above[box], structure=_FACES)
     sizes = np.bincount(features.reshape(-1))
     sizes[0] = 0
-    body = features == int(np.argmax(sizes))
+    largest = int(np.argmax(sizes))
+    inner = ndimage.find_objects(features, max_label=largest)[largest - 1]  # the body's own box
+    body = features[inner] == largest
+    box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
     _close_cut_edges(body, box, hu.shape)
     out[box] = _fill_in_plane(body)
     return out
