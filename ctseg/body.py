@@ -36,10 +36,8 @@ def body_mask(hu_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.nd
     box = _box(above)
     if box is None:
         return out
-    features, _ = ndimage.label(above[box], structure=_FACES)
-    sizes = np.bincount(features.reshape(-1))
-    sizes[0] = 0
-    largest = int(np.argmax(sizes))
+    features, count = ndimage.label(above[box], structure=_FACES)
+    largest = int(np.argmax(ndimage.histogram(features, 1, count, count))) + 1  # sizes of 1..count
     inner = ndimage.find_objects(features, max_label=largest)[largest - 1]  # the body's own box
     body = features[inner] == largest
     box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
