@@ -2,8 +2,8 @@
 
     python benchmarks/bench_body.py [--case-dir DIR] [--rounds 3]
 
-Prints a Markdown table of process CPU time (median of `--rounds`) beside wall time: on a shared, loaded machine
-the wall time measures the neighbours as much as the code. With `--case-dir` (labelled cases), it
+Prints a Markdown table of process CPU time (median of `--rounds`) beside wall time: on a
+shared, loaded machine the wall time measures the neighbours as much as the code. With `--case-dir` (labelled cases), it
 also counts truth lung voxels that fall outside the body mask (should be 0).
 """
 

@@ -65,10 +65,11 @@ def _close_cut_edges(body: np.ndarray, box: tuple[slice, ...], shape: tuple[int,
             if not touches:
                 continue
             edge = np.take(body, end, axis=axis)  # (z, n): one line per slice
-            between = np.logical_or.accumulate(edge, axis=1) & np.logical_or.accumulate(edge[:, ::-1], axis=1)[:, ::-1]
+            after_first = np.logical_or.accumulate(edge, axis=1)
+            before_last = np.logical_or.accumulate(edge[:, ::-1], axis=1)[:, ::-1]
             index = [slice(None)] * 3
             index[axis] = end
-            body[tuple(index)] = between
+            body[tuple(index)] = after_first & before_last
 
 
 def _fill_in_plane(body: np.ndarray) -> np.ndarray:
@@ -77,7 +78,8 @@ def _fill_in_plane(body: np.ndarray) -> np.ndarray:
     One labelling of the whole stack with in-plane connectivity instead of a loop over slices.
     """
     features, _ = ndimage.label(~body, structure=_IN_PLANE)
-    border = np.concatenate([features[:, 0, :], features[:, -1, :], features[:, :, 0], features[:, :, -1]], axis=1)
+    border = np.concatenate([features[:, 0, :], features[:, -1, :],
+                             features[:, :, 0], features[:, :, -1]], axis=1)
     outside = np.zeros(int(features.max()) + 1, dtype=bool)
     outside[np.unique(border)] = True
     outside[0] = False  # the body itself

@@ -122,7 +122,8 @@ class PhantomConfig:
     cols: int = setting(256, integer(8, MAX_SIZE))
     slices: int = setting(48, integer(1, MAX_SIZE))
     pixel_spacing: Optional[float] = setting(None, optional(number(0.1, 10)))  # mm; None: FOV fits the body
-    z_range: Optional[list] = setting(None, optional(items(number(0, 1), 2, 2)))  # None: [0, 1]; lung bases only: [0.1, 0.45]
+    # part of the chest covered (0: below the lung bases, 1: above the apex); lung bases: [0.1, 0.45]
+    z_range: Optional[list] = setting(None, optional(items(number(0, 1), 2, 2)))  # None: [0, 1]
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ class BodyMaskd(mt.MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             hu_zyx = torch.as_tensor(d[key])[0].numpy().transpose(2, 1, 0)
-            d[self.body_key] = torch.from_numpy(np.ascontiguousarray(body_mask(hu_zyx).transpose(2, 1, 0)))[None]
+            body_xyz = np.ascontiguousarray(body_mask(hu_zyx).transpose(2, 1, 0))
+            d[self.body_key] = torch.from_numpy(body_xyz)[None]
         return d
 
 

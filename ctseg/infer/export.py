@@ -77,10 +77,11 @@ CARD_START, CARD_END = "<!-- ctseg-export:start -->", "<!-- ctseg-export:end -->
 #: for `monai.bundle run` (fire, pyyaml, pytorch-ignite engines) and for
 #: KeepLargestConnectedComponent on the CPU (scikit-image), and NRRD/MetaImage input (SimpleITK,
 #: imported only when such a file is given).
-REQUIRED_PACKAGES = ("scipy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-                     "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
-#: Third-party imports the copied scripts may use (scipy: the body mask; psutil only behind `except ImportError`: the
-#: memory guard falls back to /proc/meminfo, so the bundle does not require it).
+REQUIRED_PACKAGES = ("scipy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                     "pylibjpeg-rle", "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
+#: Third-party imports the copied scripts may use (scipy: the body mask; psutil only behind
+#: `except ImportError`: the memory guard falls back to /proc/meminfo, so the bundle does not
+#: require it).
 SCRIPT_IMPORTS = frozenset({"numpy", "scipy", "torch", "monai", "pydicom", "nibabel", "SimpleITK", "psutil"})
 #: Where ctseg modules go in the bundle's `scripts` package (others keep their path).
 SCRIPT_RENAMES = {"ctseg.infer.bundle_transforms": "scripts.transforms"}
@@ -209,7 +210,8 @@ def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
                      if t.get("_target_") == "scripts.transforms.LoadCTSeriesd"), None)
         if load is None:
             raise ConfigError("bundle template: preprocessing needs scripts.transforms.LoadCTSeriesd")
-        transforms.insert(load + 1, {"_target_": "scripts.transforms.BodyMaskd", "keys": "image", "body_key": "body"})
+        transforms.insert(load + 1, {"_target_": "scripts.transforms.BodyMaskd", "keys": "image",
+                                     "body_key": "body"})
     batch = get(ctseg_config, "infer.batch_size", "auto")
     settings["inferer"].update(
         roi_size=list(training_size(ctseg_config)),
@@ -556,7 +558,8 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
     metrics = run["metrics"] or {}
     split = run["split"] or {}
     steps = postprocess_steps(ctseg_config, num_classes(ctseg_config))
-    body = ["drop labels outside the body (HU > -500, largest component)"] if get(ctseg_config, "infer.body_mask") else []
+    body = (["drop labels outside the body (HU > -500, largest component)"]
+            if get(ctseg_config, "infer.body_mask") else [])
     tta = get(ctseg_config, "infer.tta", []) or []
     lines = [
         "## This export",

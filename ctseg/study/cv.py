@@ -229,7 +229,8 @@ def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Pa
         volume = load_case_volume(case)
         labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev)
         path = output_path(pred_dir, case.name)
-        save_nifti(postprocess_labels(labels, steps, case_body(loaded.config, volume.array)), volume.affine, path, kind="label")
+        labels = postprocess_labels(labels, steps, case_body(loaded.config, volume.array))
+        save_nifti(labels, volume.affine, path, kind="label")
         result = evaluate_case(case, path, group="test", num_classes=n_classes)
         rows.append({"fold": fold, "case": case.name,
                      **{m: float(result.metrics[m]) for m in METRICS}})
