@@ -13,12 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ctseg.body import body_mask
 from ctseg.cli import main
 from ctseg.errors import ConfigError
 from ctseg.data.phantom import phantom_case, write_phantom_dataset
-from ctseg.infer.export import bundle_scripts, postprocess
+from ctseg.infer.export import (TEMPLATE_DIR, bundle_ctseg_config, bundle_scripts, inference_settings,
+                                postprocess)
 from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
 from ctseg.io import load_mask, load_series
 
@@ -94,6 +96,15 @@ def test_bundle_body_transforms_equal_ctseg_post_processing(tmp_path):
     config = {"data": {"num_classes": 2}, "infer": {"body_mask": True}}
     chain = postprocess(config)
     assert chain[0]["_target_"] == "scripts.transforms.RestrictToBodyd"
+    template = yaml.safe_load((TEMPLATE_DIR / "configs/inference.yaml").read_text())
+    for body in (True, False):
+        ctseg_config = bundle_ctseg_config({"infer": {"body_mask": body}})
+        spec = {"name": "unet", "in_channels": 1, "out_channels": 1}
+        settings = inference_settings(template, spec, ctseg_config)
+        targets = [t["_target_"] for t in settings["preprocessing"]["transforms"]]
+        post = [t["_target_"] for t in settings["postprocessing"]["transforms"]]
+        assert (targets[1] == "scripts.transforms.BodyMaskd") is body  # right after loading the HU
+        assert ("scripts.transforms.RestrictToBodyd" in post) is body
     hu, labels, _ = _back_and_table_case()
     sys.path.insert(0, str(tmp_path))
     try:
