@@ -64,7 +64,10 @@ def _cmd_series(args: argparse.Namespace) -> int:
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from ctseg.data.phantom import write_phantom_dataset
 
-    root = write_phantom_dataset(args.out_dir, n_cases=args.cases, seed=args.seed)
+    size = {"rows": args.size, "cols": args.size} if args.size else {}
+    root = write_phantom_dataset(args.out_dir, n_cases=args.cases, seed=args.seed, **size,
+                                 **({"slices": args.slices} if args.slices else {}),
+                                 pixel_spacing=args.pixel_spacing, z_range=tuple(args.z_range))
     print(f"wrote {args.cases} phantom cases to {root}")
     return 0
 
@@ -424,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--cases", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="rows and columns (default 256)")
+    p.add_argument("--slices", type=int, default=None, help="slices per case (default 48)")
+    p.add_argument("--pixel-spacing", type=float, default=None,
+                   help="in-plane pixel size in mm (default: the field of view fits the body)")
+    p.add_argument("--z-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+                   help="part of the chest covered, 0 below the lung bases to 1 above the apex "
+                        "(lung bases only: 0.1 0.45)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("models", help="parameters, memory and CPU time of each registered network")

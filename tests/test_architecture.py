@@ -1,10 +1,10 @@
 """The package order (docs: DESIGN.md): imports inside ctseg/ go down this list, never up.
 
     cli -> study -> train -> infer -> evaluate -> data -> transforms -> slices -> io / networks / config /
-    distributed / geometry -> outputs -> utils / pretrained -> errors / the package root
+    distributed / geometry / body -> outputs -> utils / pretrained -> errors / the package root
 
 Every import is read with `ast`, at module level and inside functions, so an upward edge cannot
-hide in a function body. Packages in the same layer (io, networks, config, distributed) do not
+hide in a function body. Packages in the same layer (io, networks, config, distributed, body) do not
 import each other. An import of ctseg inside a function must say why on its line (a comment, e.g.
 `# lazy: heavy`), and still goes down.
 
@@ -31,7 +31,7 @@ LAYERS = {
     "data": 5,
     "transforms": 6,
     "slices": 6.5,  # what the network sees, MONAI-free: transforms (training) and infer both read it
-    "io": 7, "networks": 7, "config": 7, "distributed": 7, "geometry": 7,
+    "io": 7, "networks": 7, "config": 7, "distributed": 7, "geometry": 7, "body": 7,
     "outputs": 8,  # which files a command may replace (io and the stages above write through it)
     "utils": 9, "pretrained": 9,  # pretrained: where the packaged weights and their card live (paths only)
     "errors": 10, "": 10,  # "": the package root (`ctseg.__version__`)

@@ -125,6 +125,9 @@ class PhantomConfig:
     rows: int = setting(256, integer(8, MAX_SIZE))
     cols: int = setting(256, integer(8, MAX_SIZE))
     slices: int = setting(48, integer(1, MAX_SIZE))
+    pixel_spacing: Optional[float] = setting(None, optional(number(0.1, 10)))  # mm; None: FOV fits the body
+    # part of the chest covered (0: below the lung bases, 1: above the apex); lung bases: [0.1, 0.45]
+    z_range: Optional[list] = setting(None, optional(items(number(0, 1), 2, 2)))  # None: [0, 1]
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,7 @@ class InferConfig:
     tta: tuple = setting([], items(integer(0, 1), 0, 2))        # flip axes averaged in
     amp: bool = setting(True, BOOLEAN)                          # float16 autocast, CUDA only
     split_lungs: bool = setting(False, BOOLEAN)                 # labels 1 right, 2 left lung
+    body_mask: bool = setting(True, BOOLEAN)                    # drop labels outside the body first
     postprocess: PostprocessConfig = section(PostprocessConfig)
 
 

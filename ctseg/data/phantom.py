@@ -6,6 +6,11 @@ per-case spacing and position) and to look like a chest CT a lung network must *
 outside air and the trachea are as dark as lung, lungs appear and vanish along z, differ left
 from right, sit around a heart and over a liver dome. Everything is vectorised numpy over the
 whole volume, so a dataset takes seconds.
+
+Other scanners are one argument away: `pixel_spacing` (mm, e.g. 0.7 or 3; the field of view is
+then rows x spacing and may cut the body) and `z_range` (the part of the chest from lung bases
+to apex, 0..1, that the slices cover: (0.1, 0.45) is lung bases only). Every case lies on a table
+a few mm to 2 cm below its back, with air between. The defaults write today's dataset bit for bit.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from scipy import ndimage
 
 from ctseg.config import config_view
 from ctseg.data.cache import default_cache_dir
+from ctseg.errors import ConfigError
 from ctseg.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -43,13 +49,15 @@ class PhantomGeometry:
 
 def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, rows: int = 256,
                           cols: int = 256, slices: int = 48, patient_name: str | None = None,
-                          patient_id: str | None = None) -> Path:
+                          patient_id: str | None = None, pixel_spacing: float | None = None,
+                          z_range: tuple[float, float] = (0.0, 1.0)) -> Path:
     """Write `n_cases` phantom cases as `Images/Phantom_NNN/*.dcm` + `Segmentations/*_seg.npz`.
 
     Cases are deterministic in (`seed`, case index, size). Patient name, ID and study date are
     random per case unless given, and never equal the case name, so a leak is detectable. Each
     case folder is replaced as a whole, never mixed with files of an earlier run.
     """
+    _check_scanner(pixel_spacing, z_range)
     root = Path(out_dir)
     images, segmentations = root / "Images", root / "Segmentations"
     images.mkdir(parents=True, exist_ok=True)
@@ -57,10 +65,10 @@ def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, 
     for index in range(n_cases):
         name = f"Phantom_{index:03d}"
         rng = np.random.default_rng([seed, index])
-        hu, mask, geometry = phantom_case(rng, rows, cols, slices)
+        hu, mask, geometry = phantom_case(rng, rows, cols, slices, pixel_spacing, z_range)
         identity = _identity(rng, patient_name, patient_id)
-        _write_case_series(images / name, hu, geometry, rng, identity,
-                           descending=index % 2 == 1, uid_seed=f"{seed}.{index}.{rows}.{cols}.{slices}")
+        _write_case_series(images / name, hu, geometry, rng, identity, descending=index % 2 == 1,
+                           uid_seed=f"{seed}.{index}.{rows}.{cols}.{slices}" + _scanner_tag(pixel_spacing, z_range))
         with atomic_path(segmentations / f"{name}_seg.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, masks=mask)
@@ -72,14 +80,16 @@ def ensure_phantom(config: dict) -> Path:
     cfg = config_view(config)
     p = cfg.phantom
     root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
-    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}"
+    z_range = tuple(p.z_range) if p.z_range is not None else (0.0, 1.0)
+    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}{_scanner_tag(p.pixel_spacing, z_range)}"
     if (final / ".complete").is_file():
         return final
     log.info("writing the phantom dataset to %s (once; reused by later runs)", final)
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
-                                         cols=p.cols, slices=p.slices))
+                                         cols=p.cols, slices=p.slices, pixel_spacing=p.pixel_spacing,
+                                         z_range=z_range))
     (written / ".complete").write_text("")
     shutil.rmtree(final, ignore_errors=True)
     written.rename(final)
@@ -87,14 +97,34 @@ def ensure_phantom(config: dict) -> Path:
     return final
 
 
-def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256,
-                 slices: int = 48) -> tuple[np.ndarray, np.ndarray, PhantomGeometry]:
-    """One chest CT: HU (z, y, x) float32 with z ascending (feet → head), lung mask uint8, geometry."""
+def _check_scanner(pixel_spacing: float | None, z_range: tuple[float, float]) -> None:
+    if not (len(z_range) == 2 and 0.0 <= float(z_range[0]) < float(z_range[1]) <= 1.0):
+        raise ConfigError(f"phantom z_range must satisfy 0 <= start < end <= 1, got {tuple(z_range)}")
+    if pixel_spacing is not None and not pixel_spacing > 0:
+        raise ConfigError(f"phantom pixel_spacing must be > 0 mm, got {pixel_spacing}")
+
+
+def _scanner_tag(pixel_spacing: float | None, z_range: tuple[float, float]) -> str:
+    """What sets a dataset apart from the default scanner, for folder names and UIDs ("" if none)."""
+    tag = f"-p{pixel_spacing:g}" if pixel_spacing is not None else ""
+    return tag + (f"-z{z_range[0]:g}-{z_range[1]:g}" if tuple(z_range) != (0.0, 1.0) else "")
+
+
+def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256, slices: int = 48,
+                 pixel_spacing: float | None = None, z_range: tuple[float, float] = (0.0, 1.0),
+                 ) -> tuple[np.ndarray, np.ndarray, PhantomGeometry]:
+    """One chest CT: HU (z, y, x) float32 with z ascending (feet → head), lung mask uint8, geometry.
+
+    The anatomy (mm) depends on `rng` only; `pixel_spacing` (None: the field of view fits the
+    body) and `z_range` (0: below the lung bases, 1: above the apex) choose how it is sampled.
+    """
+    _check_scanner(pixel_spacing, z_range)
+    z0, z1 = (float(v) for v in z_range)
     half_width = rng.uniform(140, 175)  # body half-axes (mm): left-right, anterior-posterior
     half_depth = rng.uniform(95, 125)
-    fov = max(rng.uniform(380, 440), 2 * half_width + 60)
-    spacing = round(fov / max(rows, cols), 4)
-    slice_spacing = round(rng.uniform(270, 330) / slices, 3)
+    fov = max(rng.uniform(380, 440), 2 * half_width + 60)  # also the table's width
+    spacing = round(fov / max(rows, cols), 4) if pixel_spacing is None else float(pixel_spacing)
+    slice_spacing = round(rng.uniform(270, 330) * (z1 - z0) / slices, 3)
     origin = (round(-spacing * cols / 2 + rng.uniform(-15, 15), 2),
               round(-spacing * rows / 2 + rng.uniform(-10, 10), 2),
               round(rng.uniform(-400, -100), 2))
@@ -104,8 +134,8 @@ def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256,
     centre_x, centre_y = rng.uniform(-12, 12), rng.uniform(-30, -10)
     x = (origin[0] + spacing * np.arange(cols, dtype=np.float32) - centre_x)[None, None, :]
     y = (origin[1] + spacing * np.arange(rows, dtype=np.float32) - centre_y)[None, :, None]
-    t = np.linspace(0.0, 1.0, slices, dtype=np.float32)[:, None, None]  # 0 = lowest slice
-    z_mm = t * slice_spacing * (slices - 1)
+    t = np.linspace(z0, z1, slices, dtype=np.float32)[:, None, None]  # z0 = lowest slice
+    z_mm = (t - z0) / (z1 - z0) * slice_spacing * (slices - 1)
 
     fat = rng.uniform(8, 22)
     inner_w, inner_d = half_width - fat, half_depth - fat

@@ -1,7 +1,7 @@
 """The bundle's own MONAI components: `ctseg export-bundle` ships this module as `scripts/transforms.py`.
 
 A MONAI bundle must run where only MONAI and a few indexed packages are installed, so this module
-imports nothing of ctseg but `ctseg.errors`, `ctseg.io`, `ctseg.geometry` and `ctseg.data.cases`, which the export
+imports nothing of ctseg but `ctseg.errors`, `ctseg.io`, `ctseg.geometry`, `ctseg.body` and `ctseg.data.cases`, which the export
 vendors beside it (imports rewritten to `scripts.`); everything else is torch, numpy and MONAI.
 The bundle configs name these by `_target_` around MONAI's own transforms:
 
@@ -9,12 +9,14 @@ The bundle configs name these by `_target_` around MONAI's own transforms:
   per case, NIfTI files) as MONAI data dicts, with labels for training;
 - `LoadCTSeriesd`: a case's CT (and mask) through the vendored `io` as (1, x, y, z) MetaTensors with
   the RAS affine, what `LoadImaged` + `EnsureChannelFirstd` give for the NIfTI `ctseg convert` writes;
+- `BodyMaskd`: the patient's body (`ctseg.body`) from the loaded HU, kept for post-processing;
 - `FieldOfViewd`: with the run's `data.spacing`, each (z, y, x) volume cropped or padded to the
   body-centred box of pixels the network input covers (`ctseg.geometry`), the box kept in the
   image's metadata;
 - `StackContextd`: 2.5D context, each axial slice with its neighbours as channels;
 - `RestoreSlicesd`: per-slice class probabilities resized back to the CT's grid (through the field
   of view's box when there is one), in MONAI's layout;
+- `RestrictToBodyd`: labels outside the body dropped, before components are kept;
 - `InForegroundBoxd`: runs MONAI label transforms in the foreground's bounding box (same result,
   a fraction of the time);
 - `SaveCTMaskd`: `<output_dir>/<case>.nii.gz` through the vendored NIfTI writer.
@@ -34,6 +36,7 @@ from monai import transforms as mt
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 
+from ctseg.body import body_mask
 from ctseg.data.cases import Case, discover_cases
 from ctseg.errors import CTSegError, DicomError
 from ctseg.geometry import AIR_HU, Box, background_fill, crop_or_pad, fov_box, uncrop
@@ -136,6 +139,49 @@ class FieldOfViewd(mt.MapTransform):
             if key == self.image_key:
                 meta["fov_box"] = np.asarray([box.y0, box.x0, box.rows, box.cols])
             d[key] = MetaTensor(cropped, affine=volume.affine, meta=meta)
+        return d
+
+
+class BodyMaskd(mt.MapTransform):
+    """`body_key` = the body mask (1, x, y, z) bool of the (1, x, y, z) HU image in `keys`.
+
+    Runs right after loading, while the image is still HU on the CT's grid; `RestrictToBodyd`
+    uses it after the network, as `ctseg predict` does with `infer.body_mask`.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", body_key: str = "body",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.body_key = body_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            hu_zyx = torch.as_tensor(d[key])[0].numpy().transpose(2, 1, 0)
+            body_xyz = np.ascontiguousarray(body_mask(hu_zyx).transpose(2, 1, 0))
+            d[self.body_key] = torch.from_numpy(body_xyz)[None]
+        return d
+
+
+class RestrictToBodyd(mt.MapTransform):
+    """Zero the (1, x, y, z) label map in `keys` outside `body_key`'s mask (`BodyMaskd`)."""
+
+    def __init__(self, keys: KeysCollection = "pred", body_key: str = "body",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.body_key = body_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        body = torch.as_tensor(d[self.body_key]).bool()
+        for key in self.key_iterator(d):
+            labels = d[key]
+            if tuple(body.shape[-3:]) != tuple(labels.shape[-3:]):
+                raise CTSegError(f"RestrictToBodyd: body {tuple(body.shape)} and {key!r} "
+                                 f"{tuple(labels.shape)} differ in shape")
+            out = labels.clone()
+            out[~body.reshape(labels.shape).to(labels.device)] = 0
+            d[key] = out
         return d
 
 

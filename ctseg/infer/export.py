@@ -57,7 +57,7 @@ from ctseg.evaluate.evaluate import evaluate_case
 from ctseg.evaluate.groups import HELD_OUT_GROUPS, UNSEEN
 from ctseg.infer.cases import predict_cases
 from ctseg.infer.model_loader import LoadedModel, load_model
-from ctseg.infer.postprocess import postprocess_settings, postprocess_steps
+from ctseg.infer.postprocess import body_mask_enabled, postprocess_settings, postprocess_steps
 from ctseg.infer.volume import AUTO_BATCH, num_classes
 from ctseg.transforms import hu_window, training_size
 from ctseg.utils import atomic_write_text
@@ -77,11 +77,12 @@ CARD_START, CARD_END = "<!-- ctseg-export:start -->", "<!-- ctseg-export:end -->
 #: for `monai.bundle run` (fire, pyyaml, pytorch-ignite engines) and for
 #: KeepLargestConnectedComponent on the CPU (scikit-image), and NRRD/MetaImage input (SimpleITK,
 #: imported only when such a file is given).
-REQUIRED_PACKAGES = ("pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-                     "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
-#: Third-party imports the copied scripts may use (psutil only behind `except ImportError`: the
-#: memory guard falls back to /proc/meminfo, so the bundle does not require it).
-SCRIPT_IMPORTS = frozenset({"numpy", "torch", "monai", "pydicom", "nibabel", "SimpleITK", "psutil"})
+REQUIRED_PACKAGES = ("scipy", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                     "pylibjpeg-rle", "nibabel", "SimpleITK", "pytorch-ignite", "scikit-image", "fire", "pyyaml")
+#: Third-party imports the copied scripts may use (scipy: the body mask; psutil only behind
+#: `except ImportError`: the memory guard falls back to /proc/meminfo, so the bundle does not
+#: require it).
+SCRIPT_IMPORTS = frozenset({"numpy", "scipy", "torch", "monai", "pydicom", "nibabel", "SimpleITK", "psutil"})
 #: Where ctseg modules go in the bundle's `scripts` package (others keep their path).
 SCRIPT_RENAMES = {"ctseg.infer.bundle_transforms": "scripts.transforms"}
 SCRIPT_ROOTS = ("ctseg.infer.bundle_transforms", "ctseg.networks")
@@ -155,6 +156,7 @@ def bundle_ctseg_config(config: dict) -> dict:
     resolved = resolve_config(config)
     data, infer = resolved["data"], resolved["infer"]
     infer["postprocess"] = postprocess_settings(config)
+    infer["body_mask"] = body_mask_enabled(config)
     data["num_classes"] = num_classes(config)  # evaluate.yaml reads it
     out = {"data": data, "infer": infer, "train": {"amp": resolved["train"]["amp"]}}
     if "flip" in resolved["augment"]:  # `ctseg predict --tta` flips what training flipped
@@ -210,6 +212,14 @@ def inference_settings(template: dict, spec: dict, ctseg_config: dict) -> dict:
     settings["ctseg_config"] = ctseg_config
     settings["network_def"] = network_def(spec)
     _preprocessing(settings, "preprocessing", ctseg_config)
+    if config_view(ctseg_config).infer.body_mask:  # the HU body mask, taken right after loading
+        transforms = _transforms(settings, "preprocessing")
+        load = next((i for i, t in enumerate(transforms)
+                     if t.get("_target_") == "scripts.transforms.LoadCTSeriesd"), None)
+        if load is None:
+            raise ConfigError("bundle template: preprocessing needs scripts.transforms.LoadCTSeriesd")
+        transforms.insert(load + 1, {"_target_": "scripts.transforms.BodyMaskd", "keys": "image",
+                                     "body_key": "body"})
     batch = config_view(ctseg_config).infer.batch_size
     settings["inferer"].update(
         roi_size=list(training_size(ctseg_config)),
@@ -248,10 +258,12 @@ def discretize(ctseg_config: dict) -> list[dict]:
 def postprocess(ctseg_config: dict, key: str = "pred") -> list[dict]:
     """The run's post-processing as MONAI transforms, run in the foreground's box as `ctseg predict` does."""
     steps = postprocess_steps(ctseg_config, num_classes(ctseg_config))
+    body = ([{"_target_": "scripts.transforms.RestrictToBodyd", "keys": key, "body_key": "body"}]
+            if config_view(ctseg_config).infer.body_mask else [])
     if not steps:
-        return []
-    return [{"_target_": "scripts.transforms.InForegroundBoxd", "keys": key,
-             "transforms": [{"_target_": name, **kwargs} for name, kwargs in steps]}]
+        return body
+    return [*body, {"_target_": "scripts.transforms.InForegroundBoxd", "keys": key,
+                    "transforms": [{"_target_": name, **kwargs} for name, kwargs in steps]}]
 
 
 def training_settings(template: dict, spec: dict, ctseg_config: dict, run_config: dict) -> dict:
@@ -553,6 +565,8 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
     metrics = run["metrics"] or {}
     split = run["split"] or {}
     steps = postprocess_steps(ctseg_config, num_classes(ctseg_config))
+    body = (["drop labels outside the body (HU > -500, largest component)"]
+            if config_view(ctseg_config).infer.body_mask else [])
     tta = list(config_view(ctseg_config).infer.tta)
     lines = [
         "## This export",
@@ -561,7 +575,7 @@ def run_section(loaded: LoadedModel, ctseg_config: dict, run: dict, evaluation: 
         f"{spec.get('features') or 'default'}, {params / 1e6:.2f} M parameters.",
         f"- Input: axial slices resized to {h}x{w}, HU window [{lo:g}, {hi:g}] scaled to [0, 1], "
         f"{spec['in_channels']} slice(s) per input; output: {spec['out_channels']} channel(s) of logits.",
-        f"- Post-processing: {', '.join(_describe_step(s) for s in steps) or 'none'}; "
+        f"- Post-processing: {', '.join(body + [_describe_step(s) for s in steps]) or 'none'}; "
         f"flip TTA: {('axes ' + ', '.join(map(str, tta)) + ' (`ctseg predict` only)') if tta else 'off'}.",
     ]
     if split:

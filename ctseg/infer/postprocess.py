@@ -1,7 +1,9 @@
 """Post-processing of predicted label volumes, built from MONAI transforms and the model's config.
 
 Two steps, both MONAI's own, on by default and recorded with the model (`infer.postprocess` in
-the saved config, copied into exported bundles):
+the saved config, copied into exported bundles), after a first one of ours (`infer.body_mask`,
+default true): labels outside the patient's body (`ctseg.body`, from the CT's HU) are dropped
+before components are kept, so air under the back taken for lung cannot outrank a real lung:
 
     infer:
       postprocess:
@@ -31,7 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ctseg.config import get, schema_defaults
+from ctseg.body import body_mask
+from ctseg.config import config_view, get, schema_defaults
 from ctseg.errors import ConfigError
 
 DEFAULT_POSTPROCESS: dict[str, Any] = schema_defaults()["infer"]["postprocess"]
@@ -53,6 +56,16 @@ def postprocess_settings(config: dict) -> dict[str, Any]:
         raise ConfigError(f"infer.postprocess: unknown setting(s) {unknown}; "
                           f"known: {sorted(DEFAULT_POSTPROCESS)}")
     return {**DEFAULT_POSTPROCESS, **spec}
+
+
+def body_mask_enabled(config: dict) -> bool:
+    """`infer.body_mask`, a post-processing step: off with `infer.postprocess.enabled: false`."""
+    return config_view(config).infer.body_mask and bool(postprocess_settings(config)["enabled"])
+
+
+def case_body(config: dict, hu_zyx: np.ndarray) -> np.ndarray | None:
+    """The body mask `postprocess_labels` restricts labels to, or None when `config` skips it."""
+    return body_mask(hu_zyx) if body_mask_enabled(config) else None
 
 
 def postprocess_steps(config: dict, num_classes: int) -> list[Step]:
@@ -100,15 +113,21 @@ def _components_per_label(keep: Any, labels: list[int]) -> list[tuple[int, list[
     return sorted(groups.items())
 
 
-def postprocess_labels(labels_zyx: np.ndarray, steps: list[Step]) -> np.ndarray:
+def postprocess_labels(labels_zyx: np.ndarray, steps: list[Step],
+                       body: np.ndarray | None = None) -> np.ndarray:
     """Apply `steps` to a (z, y, x) uint8 label volume; returns a new (z, y, x) uint8 volume.
 
-    Each step runs on the foreground's bounding box (+1 voxel) of what the previous one left, with
-    scipy.ndimage; the result is exactly what MONAI's transforms give on the whole (1, x, y, z) map.
+    With `body` ((z, y, x) bool, `case_body`), labels outside it are zeroed first. Each step runs
+    on the foreground's bounding box (+1 voxel) of what the previous one left, with scipy.ndimage;
+    the result is exactly what MONAI's transforms give on the whole (1, x, y, z) map.
     """
-    if not steps:
+    if not steps and body is None:
         return labels_zyx
     out = np.array(labels_zyx, dtype=np.uint8, order="C")
+    if body is not None:
+        if body.shape != out.shape:
+            raise ValueError(f"body mask {body.shape} and labels {out.shape} differ in shape")
+        out[~body] = 0
     for name, kwargs in steps:
         if name not in _STEPS:
             raise ConfigError(f"infer.postprocess: no implementation of step {name!r}")

@@ -27,7 +27,7 @@ from ctseg.config import config_view
 from ctseg.errors import ConfigError
 from ctseg.infer.lungs import split_lungs
 from ctseg.infer.model_loader import LoadedModel, load_model
-from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
 from ctseg.infer.volume import num_classes, predict_volume
 from ctseg.io.volume import CTVolume
 
@@ -69,6 +69,7 @@ class Segmenter:
         self.config = inference_config(loaded.config, tta)
         self.classes = num_classes(self.config)
         self.steps = postprocess_steps(self.config, self.classes) if postprocess else []
+        self.postprocess = postprocess
         self.split_lungs = bool(config_view(self.config).infer.split_lungs
                                 if split_lungs is None else split_lungs)
         if self.split_lungs and self.classes != 2:
@@ -112,7 +113,8 @@ class Segmenter:
             spacing_yx = (float(columns[1]), float(columns[0]))
         labels, probs = predict_volume(self.loaded.model, hu, self.config, self.device, on_slices=on_slices,
                                        probabilities=probabilities, spacing_yx=spacing_yx)
-        labels = postprocess_labels(labels, self.steps)
+        labels = postprocess_labels(labels, self.steps,
+                                    body=case_body(self.config, hu) if self.postprocess else None)
         if self.split_lungs:
             if affine is None:
                 raise ConfigError("split_lungs needs the volume's affine (give a CTVolume or affine=)")

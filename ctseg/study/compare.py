@@ -31,7 +31,7 @@ from ctseg.errors import CTSegError
 from ctseg.evaluate.metrics import prediction_scores
 from ctseg.evaluate.report import read_run
 from ctseg.infer.model_loader import LoadedModel, load_model
-from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
 from ctseg.infer.volume import inference_batch_size, num_classes, predict_volume
 from ctseg.train.run_record import RunRecord, read_run_record
 from ctseg.transforms import training_size
@@ -75,7 +75,7 @@ def measure_cases(
         if noise_hu > 0:
             hu = hu + rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
         raw, _ = predict_volume(run.model, hu, run.config, device, spacing_yx=cached.spacing[1:])
-        labels = postprocess_labels(raw, steps)
+        labels = postprocess_labels(raw, steps, case_body(run.config, hu))
         truth = np.asarray(cached.label)
         metrics = prediction_scores(labels, raw, truth, cached.spacing, n_classes)
         rows.append({"case": case.name, "noise_hu": noise_hu, **metrics})

@@ -46,7 +46,7 @@ from ctseg.errors import ConfigError, MaskError
 from ctseg.evaluate.evaluate import evaluate_case, summarize
 from ctseg.infer.cases import output_path
 from ctseg.infer.model_loader import LAST, load_model
-from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
 from ctseg.infer.volume import predict_volume
 from ctseg.io import save_nifti
 from ctseg.train import train
@@ -230,7 +230,8 @@ def _score_test_cases(fold: int, fold_dir: Path, cases: list[Case], pred_dir: Pa
         volume = load_case_volume(case)
         labels, _ = predict_volume(loaded.model, volume.array, loaded.config, dev, spacing_yx=volume.spacing[1:])
         path = output_path(pred_dir, case.name)
-        save_nifti(postprocess_labels(labels, steps), volume.affine, path, kind="label")
+        labels = postprocess_labels(labels, steps, case_body(loaded.config, volume.array))
+        save_nifti(labels, volume.affine, path, kind="label")
         result = evaluate_case(case, path, group="test", num_classes=n_classes)
         rows.append({"fold": fold, "case": case.name,
                      **{m: float(result.metrics[m]) for m in METRICS}})

@@ -51,7 +51,7 @@ from ctseg.data.split import check_split, make_split, save_split
 from ctseg.errors import CTSegError, ConfigError, MaskError
 from ctseg.evaluate.metrics import prediction_scores
 from ctseg.infer.model_loader import BEST, LAST, build_model, load_checkpoint, network_spec
-from ctseg.infer.postprocess import postprocess_labels, postprocess_steps
+from ctseg.infer.postprocess import case_body, postprocess_labels, postprocess_steps
 from ctseg.infer.volume import predict_volume
 from ctseg.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from ctseg.train.preflight import check_output_location
@@ -460,7 +460,7 @@ class _Trainer:
         for case in (distributed.shard(self.val_cases) if sharded else self.val_cases):
             raw, _ = predict_volume(self.eval_model, case.hu, self.config, self.device,
                                     spacing_yx=case.spacing[1:])
-            pred = postprocess_labels(raw, self.postprocess)
+            pred = postprocess_labels(raw, self.postprocess, case_body(self.config, case.hu))
             truth = np.asarray(case.label)
             per_case[case.name] = prediction_scores(pred, raw, truth, case.spacing, self.num_classes,
                                                     distances)
