@@ -352,9 +352,11 @@ DEFAULT_MODEL_ENV = "CTSEG_DEFAULT_MODEL"
 
 def _cmd_package_model(args: argparse.Namespace) -> int:
     from ctseg.infer.package import package_model
+    from ctseg.train.run_record import read_run_record
 
+    case_dir = read_run_record(args.run).case_dir if args.run.is_dir() else None  # its README: the data note
     weights = package_model(args.run, args.output, cv_dir=args.cv, data_note=args.data_note,
-                            command=args.train_command)
+                            case_dir=case_dir, command=args.train_command)
     print(f"wrote {weights} ({weights.stat().st_size:,} bytes) and {weights.parent / 'MODEL_CARD.md'}")
     return 0
 

@@ -43,11 +43,12 @@ DATA_NOTE_STARTS = ("source", "citation", "licen", "attribution")
 
 
 def package_model(run_dir: str | Path, output: str | Path | None = None, *, cv_dir: str | Path | None = None,
-                  data_note: str | Path | None = None, command: str | None = None,
-                  max_bytes: int = MAX_BYTES) -> Path:
+                  data_note: str | Path | None = None, case_dir: str | Path | None = None,
+                  command: str | None = None, max_bytes: int = MAX_BYTES) -> Path:
     """Write OUTPUT (default: the package's `ctseg/pretrained/`) lungs.pt (half precision) and OUTPUT/MODEL_CARD.md from `run_dir`'s kept
     checkpoint; returns the weights file. Nothing is written when the file would exceed
-    `max_bytes` or the CV folder or data note cannot be read."""
+    `max_bytes` or the CV folder or data note cannot be read. Without `data_note`, the README.md
+    of `case_dir` (the folder the run trained on, from its run record) is quoted when there is one."""
     run_dir, output = Path(run_dir), Path(output) if output is not None else FOLDER
     checkpoint = resolve_checkpoint(run_dir, BEST)
     loaded = load_model(run_dir, device="cpu")  # refuses what inference could not load
@@ -55,7 +56,7 @@ def package_model(run_dir: str | Path, output: str | Path | None = None, *, cv_d
     cv = read_cv_summary(Path(cv_dir)) if cv_dir is not None else None
     cv_rows = _read_cv_rows(Path(cv_dir) / "cv.csv") if cv_dir is not None else []
     cv_differs = recipe_differences(loaded.config, _cv_config(Path(cv_dir))) if cv_dir is not None else []
-    note_path = Path(data_note) if data_note is not None else _default_data_note(loaded.config)
+    note_path = Path(data_note) if data_note is not None else _default_data_note(case_dir)
     note = data_note_text(note_path) if note_path is not None else None
     metrics = _read_json(run_dir / "metrics.json") if run_dir.is_dir() else None
     split = _read_json(run_dir / "split.json") if run_dir.is_dir() else None
@@ -233,8 +234,7 @@ def data_note_text(path: Path) -> str:
     return "\n\n".join(kept or paragraphs[:1])
 
 
-def _default_data_note(config: dict) -> Path | None:
-    case_dir = get(config, "data.case_dir")
+def _default_data_note(case_dir: str | Path | None) -> Path | None:
     readme = Path(case_dir) / "README.md" if case_dir else None
     return readme if readme is not None and readme.is_file() else None
 
