@@ -652,7 +652,8 @@ def write_models(model: torch.nn.Module, spec: dict, ctseg_config: dict, folder:
     from monai.networks.utils import convert_to_torchscript
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    # The plain layout: `ctseg predict` may have run this model channels-last (its evaluation).
+    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     torch.save(model.state_dict(), folder / "model.pt")
     h, w = training_size(ctseg_config)
     example = torch.rand(2, int(spec["in_channels"]), h, w, generator=torch.Generator().manual_seed(0))

@@ -71,8 +71,8 @@ def default_model_path(default: str | Path | None = None) -> Path:
     """The packaged default model (or `default`, e.g. a test's file); refused when it is absent."""
     path = Path(default) if default is not None else PRETRAINED_WEIGHTS
     if not path.is_file():
-        raise ModelError(f"{path}: no packaged default model here (this checkout ships no trained "
-                         f"weights yet); {BUILD_HINT}, or give --model RUN_DIR|CHECKPOINT|BUNDLE")
+        raise ModelError(f"{path}: the default model file is missing; {BUILD_HINT}, or give "
+                         "--model RUN_DIR|CHECKPOINT|BUNDLE")
     return path
 
 
