@@ -385,7 +385,7 @@ def test_a_2_5d_bundle_writes_the_masks_of_ctseg_predict(phantom_dir, tmp_path):
     """Context stacking (3 slices per input) through the bundle's transforms and SliceInferer."""
     from ctseg.train import train
 
-    from infer_helpers import TINY_CONFIG
+    from infer_helpers import TINY_CONFIG, run_bundle_inference
 
     config = {**TINY_CONFIG, "data": {"size": [32, 32], "context": 3, "cache_dir": str(tmp_path / "cache")},
               "train": {**TINY_CONFIG["train"], "epochs": 2}}
@@ -393,10 +393,6 @@ def test_a_2_5d_bundle_writes_the_masks_of_ctseg_predict(phantom_dir, tmp_path):
     bundle, expected, out = tmp_path / "bundle", tmp_path / "expected", tmp_path / "masks"
     assert main(["export-bundle", str(run), "--output", str(bundle)]) == 0
     assert main(["predict", "--model", str(run), "--input", str(phantom_dir), "--output", str(expected)]) == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-                           "--dataset_dir", str(phantom_dir), "--output_dir", str(out)],
-                          cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bundle_inference(bundle, phantom_dir, out)
     _same_masks(out, expected)
     assert sum(np.count_nonzero(nib.load(out / f"{c}.nii.gz").dataobj) for c in CASES) > 0

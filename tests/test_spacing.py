@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -164,7 +160,7 @@ def test_cache_key_follows_the_spacing_and_training_sees_what_inference_sees(pha
 def test_bundle_writes_the_masks_of_ctseg_predict_with_a_spacing(phantom_dir, tmp_path):
     from ctseg.train import train
 
-    from infer_helpers import TINY_CONFIG
+    from infer_helpers import TINY_CONFIG, run_bundle_inference
 
     # the phantom's 64 px at ~6.4 mm: a 320 mm field crops its sides
     config = {**TINY_CONFIG, "data": {"size": [32, 32], "spacing": 10.0, "cache_dir": str(tmp_path / "cache")},
@@ -177,11 +173,7 @@ def test_bundle_writes_the_masks_of_ctseg_predict_with_a_spacing(phantom_dir, tm
     assert steps["scripts.transforms.FieldOfViewd"]["spacing"] == 10.0
     assert (bundle / "scripts" / "geometry.py").is_file()
     assert main(["predict", "--model", str(run), "--input", str(phantom_dir), "--output", str(expected)]) == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
-                           "--dataset_dir", str(phantom_dir), "--output_dir", str(out)],
-                          cwd=bundle, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bundle_inference(bundle, phantom_dir, out)
     for case in ("Phantom_000", "Phantom_001", "Phantom_002"):
         assert (out / f"{case}.nii.gz").read_bytes() == (expected / f"{case}.nii.gz").read_bytes(), case
     assert sum(np.count_nonzero(nib.load(out / f"{c}.nii.gz").dataobj)

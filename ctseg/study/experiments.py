@@ -464,22 +464,24 @@ def summarize(rows: list[dict], baseline: str) -> tuple[list[dict], list[dict], 
             **{f"{k}_{s}": v for k in METRICS for s, v in spread([m[k] for m in members]).items()},
             "seed_sd": _seed_sd(members),
         })
-    comparisons = []
-    for (run, cond), members in groups.items():
-        if run == baseline or (baseline, cond) not in groups:
-            continue
-        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(baseline, cond)]}
-        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
-        comparisons.append({"run": run, "condition": cond, "baseline": baseline, **paired(base, other)})
     first_condition = keys[0][1]
-    by_condition = []
-    for (run, cond), members in groups.items():
-        if cond == first_condition or (run, first_condition) not in groups:
-            continue
-        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[(run, first_condition)]}
-        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
-        by_condition.append({"run": run, "condition": cond, "baseline": first_condition, **paired(base, other)})
+    comparisons = _paired_rows(groups, lambda run, cond: (baseline, cond), baseline)
+    by_condition = _paired_rows(groups, lambda run, cond: (run, first_condition), first_condition)
     return summary, comparisons, by_condition
+
+
+def _paired_rows(groups: dict, reference_of, label: str) -> list[dict]:
+    """Each group paired (by fold and seed) with its reference group `reference_of(run, cond)`;
+    groups that are their own reference, or whose reference did not run, are left out."""
+    rows = []
+    for (run, cond), members in groups.items():
+        reference = reference_of(run, cond)
+        if reference == (run, cond) or reference not in groups:
+            continue
+        base = {(r["fold"], r["seed"]): r["dice"] for r in groups[reference]}
+        other = {(r["fold"], r["seed"]): r["dice"] for r in members}
+        rows.append({"run": run, "condition": cond, "baseline": label, **paired(base, other)})
+    return rows
 
 
 def _seed_sd(members: list[dict]) -> float:
