@@ -235,6 +235,23 @@ class NoiseConfig:
     std: float = setting(0.02, number(0, 10))                   # windowed [0, 1] units
 
 
+FOV_SHAPES = ("circle", "square")
+FRACTION_RANGE = Check("a list [low, high] with 0 < low <= high <= 2",
+                       lambda v: items(number(0, 2, above=True), 2, 2).test(v) and v[0] <= v[1])
+
+
+@dataclass(frozen=True)
+class FieldOfViewConfig:
+    """Another scanner's reconstruction field on the training sample (ctseg.transforms)."""
+
+    prob: float = setting(0.0, PROB)
+    # circle: the reconstruction circle; square: a smaller display field of view
+    shapes: tuple = setting(list(FOV_SHAPES), items(choice(*FOV_SHAPES), 1, 2))
+    radius: tuple = setting([0.6, 1.0], FRACTION_RANGE)         # fraction of the input's half-width
+    offset: float = setting(0.1, number(0, 1))                  # centre shift, fraction of half-width
+    fill_hu: tuple = setting([-1000, -1024, -2000, -3024], items(number(-100_000, 100_000), 1, 16))
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Each transform exists only when the config names it (absent = off)."""
@@ -245,6 +262,7 @@ class AugmentConfig:
     flip: Optional[FlipConfig] = section(FlipConfig, present=False)
     contrast: Optional[ContrastConfig] = section(ContrastConfig, present=False)
     noise: Optional[NoiseConfig] = section(NoiseConfig, present=False)
+    field_of_view: Optional[FieldOfViewConfig] = section(FieldOfViewConfig, present=False)
 
 
 @dataclass(frozen=True)
