@@ -15,7 +15,7 @@ torch alone (`ctseg.slices`, tested equal), so it never imports MONAI. The trans
 
 Config sections read:
     data:    {window: [-1000, 400], size: [H, W]}
-    augment: {rotate: {prob, degrees}, flip: {prob, axes}, scale: {prob, range},
+    augment: {rotate: {prob, degrees}, flip: {prob, axes}, scale: {prob, range, translate},
               elastic: {prob, spacing, magnitude}, noise: {prob, std | std_hu},
               contrast: {prob, gamma},
               field_of_view: {prob, shapes, radius, offset, fill_hu}}
@@ -35,6 +35,7 @@ from monai.transforms import (
     RandomizableTransform,
     Rand2DElasticd,
     RandAdjustContrastd,
+    RandAffined,
     RandFlipd,
     RandGaussianNoised,
     RandRotated,
@@ -167,9 +168,15 @@ def augment_transforms(config: dict) -> list[MapTransform]:
         out.append(RandRotated(keys=both, range_x=rad, prob=prob("rotate"), mode=modes,
                                padding_mode=["zeros", "border"], keep_size=True))
     if prob("scale"):
-        r = float(aug.scale.range)
-        out.append(RandZoomd(keys=both, min_zoom=1.0 - r, max_zoom=1.0 + r, prob=prob("scale"),
-                             mode=modes, padding_mode=["constant", "edge"], keep_size=True))
+        r, shift = float(aug.scale.range), float(aug.scale.translate)
+        if shift:  # the body off the box's centre (e.g. a table or arms moved the body's bounding box)
+            h, w = training_size(config)
+            out.append(RandAffined(keys=both, prob=prob("scale"), scale_range=(r, r),
+                                   translate_range=(shift * h, shift * w), mode=modes,
+                                   padding_mode=["zeros", "border"]))
+        else:
+            out.append(RandZoomd(keys=both, min_zoom=1.0 - r, max_zoom=1.0 + r, prob=prob("scale"),
+                                 mode=modes, padding_mode=["constant", "edge"], keep_size=True))
     if prob("elastic"):
         spacing = float(aug.elastic.spacing)
         magnitude = tuple(float(m) for m in aug.elastic.magnitude)

@@ -109,3 +109,24 @@ def test_bad_settings_are_config_errors():
         augment_transforms(_fov(shapes=["hexagon"]))
     with pytest.raises(ConfigError, match="augment.field_of_view.fill_hu"):
         augment_transforms(_fov(fill_hu=[]))
+
+
+def test_scale_translate_shifts_image_and_label_together():
+    from monai.transforms import RandAffined, RandZoomd
+    assert [type(t) for t in augment_transforms({"augment": {"scale": {"prob": 1.0}}})] == [RandZoomd]
+    config = {"data": {"size": 48}, "augment": {"scale": {"prob": 1.0, "range": 0.0, "translate": 0.25}}}
+    [shift] = augment_transforms(config)
+    assert isinstance(shift, RandAffined)
+    image = np.zeros((1, 48, 48), dtype=np.float32)
+    image[0, 18:30, 18:30] = 0.7
+    label = (image > 0).astype(np.float32)
+    moves = set()
+    for seed in range(5):
+        shift.set_random_state(seed=seed)
+        out = shift({"image": image, "label": label})
+        img, lab = out["image"].numpy()[0], out["label"].numpy()[0]
+        ys, xs = np.nonzero(img > 0.35)
+        np.testing.assert_allclose(img, 0.7 * lab, atol=1e-5)  # the label moved with the image
+        assert abs(ys.mean() - 23.5) <= 12 + 1e-6 and abs(xs.mean() - 23.5) <= 12 + 1e-6  # within 0.25 * 48
+        moves.add((round(ys.mean()), round(xs.mean())))
+    assert len(moves) > 1 and moves != {(24, 24)}

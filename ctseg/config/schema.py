@@ -207,6 +207,7 @@ class RotateConfig:
 class ScaleConfig:
     prob: float = setting(0.0, PROB)
     range: float = setting(0.1, number(0, 0.9))
+    translate: float = setting(0.0, number(0, 0.5))            # shift, fraction of the input per axis
 
 
 @dataclass(frozen=True)
