@@ -128,6 +128,10 @@ class PhantomConfig:
     pixel_spacing: Optional[float] = setting(None, optional(number(0.1, 10)))  # mm; None: FOV fits the body
     # part of the chest covered (0: below the lung bases, 1: above the apex); lung bases: [0.1, 0.45]
     z_range: Optional[list] = setting(None, optional(items(number(0, 1), 2, 2)))  # None: [0, 1]
+    # the scanner's reconstruction circle, radius as a fraction of the field's width (None: none),
+    # and the value outside it
+    reconstruction_radius: Optional[float] = setting(None, optional(number(0, 0.75, above=True)))
+    padding_hu: float = setting(-1000.0, number(-30000, -1000))
 
 
 @dataclass(frozen=True)
