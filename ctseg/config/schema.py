@@ -252,7 +252,7 @@ class FieldOfViewConfig:
     prob: float = setting(0.0, PROB)
     # circle: the reconstruction circle; square: a smaller display field of view
     shapes: tuple = setting(list(FOV_SHAPES), items(choice(*FOV_SHAPES), 1, 2))
-    radius: tuple = setting([0.6, 1.0], FRACTION_RANGE)         # fraction of the input's half-width
+    radius: tuple = setting([0.5, 1.0], FRACTION_RANGE)         # fraction of the input's half-width
     offset: float = setting(0.1, number(0, 1))                  # centre shift, fraction of half-width
     fill_hu: tuple = setting([-1000, -1024, -2000, -3024], items(number(-100_000, 100_000), 1, 16))
 
