@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the scanner's reconstruction circle, radius as a fraction of the field's width "
                         "(0.5 touches the edges; default: none)")
     p.add_argument("--padding-hu", type=float, default=-1000.0,
-                   help="HU outside the reconstruction circle (default -1000, air; scanners: -1024, -2000, -3024)")
+                   help="HU outside the reconstruction circle (default -1000, air; scanners write "
+                        "-1024, -2000 or -3024)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("models", help="parameters, memory and CPU time of each registered network")

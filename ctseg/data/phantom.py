@@ -11,8 +11,9 @@ Other scanners are one argument away: `pixel_spacing` (mm, e.g. 0.7 or 3; the fi
 then rows x spacing and may cut the body) and `z_range` (the part of the chest from lung bases
 to apex, 0..1, that the slices cover: (0.1, 0.45) is lung bases only). Every case lies on a table
 a few mm to 2 cm below its back, with air between. `reconstruction_radius` (a fraction of the
-field's width; 0.5 touches the edges) writes a scanner's reconstruction circle: `padding_hu` (e.g. -2000 or -3024)
-outside it, and no lung label there. The defaults write today's dataset bit for bit.
+field's width; 0.5 touches the edges) writes a scanner's reconstruction circle: `padding_hu`
+(e.g. -2000 or -3024) outside it, and no lung label there. The defaults write today's dataset bit
+for bit.
 """
 
 from __future__ import annotations
