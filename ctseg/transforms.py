@@ -18,7 +18,7 @@ Config sections read:
     augment: {rotate: {prob, degrees}, flip: {prob, axes}, scale: {prob, range, translate},
               elastic: {prob, spacing, magnitude}, noise: {prob, std | std_hu},
               contrast: {prob, gamma},
-              field_of_view: {prob, shapes, radius, offset, fill_hu}}
+              field_of_view: {prob, shapes, radius | radius_mm, offset, fill_hu}}
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from monai.transforms import (
 )
 
 from ctseg.config import config_view
+from ctseg.errors import ConfigError
 from ctseg.geometry import background_fill
 from ctseg.slices import hu_window, num_classes, output_channels, training_size
 
@@ -196,9 +197,16 @@ def augment_transforms(config: dict) -> list[MapTransform]:
         std = float(noise.std_hu) / (hi - lo) if noise.std_hu is not None else float(noise.std)
         out.append(RandGaussianNoised(keys=["image"], prob=prob("noise"), std=std))
     if prob("field_of_view"):  # last: see RandFieldOfViewd
-        fov = aug.field_of_view
-        out.append(RandFieldOfViewd(prob("field_of_view"), fov.shapes, fov.radius, fov.offset, fov.fill_hu,
-                                    hu_window(config), config_view(config).spacing or (1.0, 1.0)))
+        fov, spacing = aug.field_of_view, config_view(config).spacing
+        radius = fov.radius
+        if fov.radius_mm is not None:
+            if spacing is None:
+                raise ConfigError("augment.field_of_view.radius_mm needs data.spacing (mm per input pixel); "
+                                  "without it give augment.field_of_view.radius, a fraction of the input")
+            h, w = training_size(config)
+            radius = [r / (min(h * spacing[0], w * spacing[1]) / 2) for r in fov.radius_mm]
+        out.append(RandFieldOfViewd(prob("field_of_view"), fov.shapes, radius, fov.offset, fov.fill_hu,
+                                    hu_window(config), spacing or (1.0, 1.0)))
     return out
 
 

@@ -102,6 +102,17 @@ def test_probability_zero_or_absent_is_the_identity():
             assert torch.equal(a["label"][:, inside], b["label"][:, inside])
 
 
+def test_radius_in_mm_follows_the_spacing():
+    mm = {"data": {"size": [40, 40], "spacing": 2.0}, "augment": {"field_of_view": {
+        "prob": 1.0, "shapes": ["circle"], "radius_mm": [20, 20], "offset": 0.0}}}
+    [fov] = augment_transforms(mm)  # a 80 mm field: 20 mm is half its half-width
+    fov.randomize()
+    yy, xx = np.mgrid[0:40, 0:40]
+    np.testing.assert_array_equal(fov.outside(40, 40), np.hypot(yy - 19.5, xx - 19.5) > 10.0)
+    with pytest.raises(ConfigError, match="radius_mm needs data.spacing"):
+        augment_transforms(_fov(radius_mm=[100, 200]))
+
+
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="augment.field_of_view.radius"):
         augment_transforms(_fov(radius=[1.0, 0.5]))
@@ -109,6 +120,8 @@ def test_bad_settings_are_config_errors():
         augment_transforms(_fov(shapes=["hexagon"]))
     with pytest.raises(ConfigError, match="augment.field_of_view.fill_hu"):
         augment_transforms(_fov(fill_hu=[]))
+    with pytest.raises(ConfigError, match="augment.field_of_view.radius_mm"):
+        augment_transforms(_fov(radius_mm=[0, 100]))
 
 
 def test_scale_translate_shifts_image_and_label_together():

@@ -241,8 +241,10 @@ class NoiseConfig:
 
 
 FOV_SHAPES = ("circle", "square")
-FRACTION_RANGE = Check("a list [low, high] with 0 < low <= high <= 2",
-                       lambda v: items(number(0, 2, above=True), 2, 2).test(v) and v[0] <= v[1])
+def value_range(lo: float, hi: float) -> Check:
+    """A list [low, high] of numbers in (lo, hi], low <= high."""
+    return Check(f"a list [low, high] with {lo} < low <= high <= {hi}",
+                 lambda v: items(number(lo, hi, above=True), 2, 2).test(v) and v[0] <= v[1])
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,8 @@ class FieldOfViewConfig:
     prob: float = setting(0.0, PROB)
     # circle: the reconstruction circle; square: a smaller display field of view
     shapes: tuple = setting(list(FOV_SHAPES), items(choice(*FOV_SHAPES), 1, 2))
-    radius: tuple = setting([0.5, 1.0], FRACTION_RANGE)         # fraction of the input's half-width
+    radius: tuple = setting([0.5, 1.0], value_range(0, 2))     # fraction of the input's half-width
+    radius_mm: Optional[tuple] = setting(None, optional(value_range(0, 2000)))  # wins; needs data.spacing
     offset: float = setting(0.1, number(0, 1))                  # centre shift, fraction of half-width
     fill_hu: tuple = setting([-1000, -1024, -2000, -3024], items(number(-100_000, 100_000), 1, 16))
 
