@@ -14,6 +14,8 @@ from scipy import ndimage
 
 #: Soft tissue and fat are above it; air, lung and the table's foam core are below it.
 BODY_THRESHOLD_HU = -500.0
+#: Below any air or tissue: a scanner's padding outside its reconstruction circle (-2000, -3024 HU).
+PADDING_HU = -1500.0
 
 _FACES = ndimage.generate_binary_structure(3, 1)
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -26,7 +28,9 @@ def body_mask(hu_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.nd
     The table is a separate component: air lies between it and the patient's back. Holes are
     filled per axial slice (lungs, trachea and bowel gas are enclosed in-plane, not in 3D: the
     trachea leaves the volume at its top). Where the field of view cuts the body, each image edge
-    is closed between the body's outermost pixels on it, so a lung cut by the edge stays inside.
+    is closed between the body's outermost pixels on it, so a lung cut by the edge stays inside;
+    where a scanner's reconstruction circle (padding below PADDING_HU) cuts it, `_cut_by_field`
+    keeps the lung it opened.
     """
     hu = np.asarray(hu_zyx)
     if hu.ndim != 3:
@@ -42,7 +46,11 @@ def body_mask(hu_zyx: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.nd
     body = features[inner] == largest
     box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
     _close_cut_edges(body, box, hu.shape)
-    out[box] = _fill_in_plane(body)
+    filled = _fill_in_plane(body)
+    padding = hu[box] < PADDING_HU
+    if padding.any():
+        filled = _fill_in_plane(filled | _cut_by_field(filled, padding))
+    out[box] = filled
     return out
 
 
@@ -70,6 +78,24 @@ def _close_cut_edges(body: np.ndarray, box: tuple[slice, ...], shape: tuple[int,
             index = [slice(None)] * 3
             index[axis] = end
             body[tuple(index)] = after_first & before_last
+
+
+def _cut_by_field(body: np.ndarray, padding: np.ndarray) -> np.ndarray:
+    """The in-plane regions outside `body` that the reconstruction field's edge opened: each one
+    touching the padding and lying mostly between body pixels along its row or its column (a
+    lung under a cut chest wall), unlike outside air, which has body on one side only."""
+    def between(axis: int) -> np.ndarray:
+        before = np.logical_or.accumulate(body, axis=axis)
+        after = np.flip(np.logical_or.accumulate(np.flip(body, axis=axis), axis=axis), axis=axis)
+        return before & after
+
+    features, count = ndimage.label(~body & ~padding, structure=_IN_PLANE)
+    touching = np.zeros(count + 1, dtype=bool)
+    touching[np.unique(features[ndimage.binary_dilation(padding, structure=_IN_PLANE)])] = True
+    spanned = ndimage.mean(between(1) | between(2), features, index=np.arange(count + 1))
+    keep = touching & (np.asarray(spanned) > 0.5)
+    keep[0] = False  # body and padding
+    return keep[features]
 
 
 def _fill_in_plane(body: np.ndarray) -> np.ndarray:

@@ -67,7 +67,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     size = {"rows": args.size, "cols": args.size} if args.size else {}
     root = write_phantom_dataset(args.out_dir, n_cases=args.cases, seed=args.seed, **size,
                                  **({"slices": args.slices} if args.slices else {}),
-                                 pixel_spacing=args.pixel_spacing, z_range=tuple(args.z_range))
+                                 pixel_spacing=args.pixel_spacing, z_range=tuple(args.z_range),
+                                 reconstruction_radius=args.reconstruction_radius, padding_hu=args.padding_hu)
     print(f"wrote {args.cases} phantom cases to {root}")
     return 0
 
@@ -436,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-range", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
                    help="part of the chest covered, 0 below the lung bases to 1 above the apex "
                         "(lung bases only: 0.1 0.45)")
+    p.add_argument("--reconstruction-radius", type=float, default=None,
+                   help="the scanner's reconstruction circle, radius as a fraction of the field's width "
+                        "(0.5 touches the edges; default: none)")
+    p.add_argument("--padding-hu", type=float, default=-1000.0,
+                   help="HU outside the reconstruction circle (default -1000, air; scanners write "
+                        "-1024, -2000 or -3024)")
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("models", help="parameters, memory and CPU time of each registered network")

@@ -128,6 +128,10 @@ class PhantomConfig:
     pixel_spacing: Optional[float] = setting(None, optional(number(0.1, 10)))  # mm; None: FOV fits the body
     # part of the chest covered (0: below the lung bases, 1: above the apex); lung bases: [0.1, 0.45]
     z_range: Optional[list] = setting(None, optional(items(number(0, 1), 2, 2)))  # None: [0, 1]
+    # the scanner's reconstruction circle, radius as a fraction of the field's width (None: none),
+    # and the value outside it
+    reconstruction_radius: Optional[float] = setting(None, optional(number(0, 0.75, above=True)))
+    padding_hu: float = setting(-1000.0, number(-30000, -1000))
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,7 @@ class RotateConfig:
 class ScaleConfig:
     prob: float = setting(0.0, PROB)
     range: float = setting(0.1, number(0, 0.9))
+    translate: float = setting(0.0, number(0, 0.5))            # shift, fraction of the input per axis
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,26 @@ class NoiseConfig:
     std: float = setting(0.02, number(0, 10))                   # windowed [0, 1] units
 
 
+FOV_SHAPES = ("circle", "square")
+def value_range(lo: float, hi: float) -> Check:
+    """A list [low, high] of numbers in (lo, hi], low <= high."""
+    return Check(f"a list [low, high] with {lo} < low <= high <= {hi}",
+                 lambda v: items(number(lo, hi, above=True), 2, 2).test(v) and v[0] <= v[1])
+
+
+@dataclass(frozen=True)
+class FieldOfViewConfig:
+    """Another scanner's reconstruction field on the training sample (ctseg.transforms)."""
+
+    prob: float = setting(0.0, PROB)
+    # circle: the reconstruction circle; square: a smaller display field of view
+    shapes: tuple = setting(list(FOV_SHAPES), items(choice(*FOV_SHAPES), 1, 2))
+    radius: tuple = setting([0.5, 1.0], value_range(0, 2))     # fraction of the input's half-width
+    radius_mm: Optional[tuple] = setting(None, optional(value_range(0, 2000)))  # wins; needs data.spacing
+    offset: float = setting(0.1, number(0, 1))                  # centre shift, fraction of half-width
+    fill_hu: tuple = setting([-1000, -1024, -2000, -3024], items(number(-100_000, 100_000), 1, 16))
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Each transform exists only when the config names it (absent = off)."""
@@ -245,6 +270,7 @@ class AugmentConfig:
     flip: Optional[FlipConfig] = section(FlipConfig, present=False)
     contrast: Optional[ContrastConfig] = section(ContrastConfig, present=False)
     noise: Optional[NoiseConfig] = section(NoiseConfig, present=False)
+    field_of_view: Optional[FieldOfViewConfig] = section(FieldOfViewConfig, present=False)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ whole volume, so a dataset takes seconds.
 Other scanners are one argument away: `pixel_spacing` (mm, e.g. 0.7 or 3; the field of view is
 then rows x spacing and may cut the body) and `z_range` (the part of the chest from lung bases
 to apex, 0..1, that the slices cover: (0.1, 0.45) is lung bases only). Every case lies on a table
-a few mm to 2 cm below its back, with air between. The defaults write today's dataset bit for bit.
+a few mm to 2 cm below its back, with air between. `reconstruction_radius` (a fraction of the
+field's width; 0.5 touches the edges) writes a scanner's reconstruction circle: `padding_hu`
+(e.g. -2000 or -3024) outside it, and no lung label there. The defaults write today's dataset bit
+for bit.
 """
 
 from __future__ import annotations
@@ -50,14 +53,15 @@ class PhantomGeometry:
 def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, rows: int = 256,
                           cols: int = 256, slices: int = 48, patient_name: str | None = None,
                           patient_id: str | None = None, pixel_spacing: float | None = None,
-                          z_range: tuple[float, float] = (0.0, 1.0)) -> Path:
+                          z_range: tuple[float, float] = (0.0, 1.0),
+                          reconstruction_radius: float | None = None, padding_hu: float = -1000.0) -> Path:
     """Write `n_cases` phantom cases as `Images/Phantom_NNN/*.dcm` + `Segmentations/*_seg.npz`.
 
     Cases are deterministic in (`seed`, case index, size). Patient name, ID and study date are
     random per case unless given, and never equal the case name, so a leak is detectable. Each
     case folder is replaced as a whole, never mixed with files of an earlier run.
     """
-    _check_scanner(pixel_spacing, z_range)
+    _check_scanner(pixel_spacing, z_range, reconstruction_radius, padding_hu)
     root = Path(out_dir)
     images, segmentations = root / "Images", root / "Segmentations"
     images.mkdir(parents=True, exist_ok=True)
@@ -65,10 +69,13 @@ def write_phantom_dataset(out_dir: str | Path, n_cases: int = 6, seed: int = 0, 
     for index in range(n_cases):
         name = f"Phantom_{index:03d}"
         rng = np.random.default_rng([seed, index])
-        hu, mask, geometry = phantom_case(rng, rows, cols, slices, pixel_spacing, z_range)
+        hu, mask, geometry = phantom_case(rng, rows, cols, slices, pixel_spacing, z_range,
+                                          reconstruction_radius, padding_hu)
         identity = _identity(rng, patient_name, patient_id)
         _write_case_series(images / name, hu, geometry, rng, identity, descending=index % 2 == 1,
-                           uid_seed=f"{seed}.{index}.{rows}.{cols}.{slices}" + _scanner_tag(pixel_spacing, z_range))
+                           padding_hu=padding_hu if reconstruction_radius is not None else None,
+                           uid_seed=f"{seed}.{index}.{rows}.{cols}.{slices}"
+                           + _scanner_tag(pixel_spacing, z_range, reconstruction_radius, padding_hu))
         with atomic_path(segmentations / f"{name}_seg.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, masks=mask)
@@ -81,7 +88,8 @@ def ensure_phantom(config: dict) -> Path:
     p = cfg.phantom
     root = Path(cfg.data.cache_dir or default_cache_dir()) / "phantom"
     z_range = tuple(p.z_range) if p.z_range is not None else (0.0, 1.0)
-    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}{_scanner_tag(p.pixel_spacing, z_range)}"
+    tag = _scanner_tag(p.pixel_spacing, z_range, p.reconstruction_radius, p.padding_hu)
+    final = root / f"n{p.cases}-s{p.seed}-{p.rows}x{p.cols}x{p.slices}{tag}"
     if (final / ".complete").is_file():
         return final
     log.info("writing the phantom dataset to %s (once; reused by later runs)", final)
@@ -89,7 +97,8 @@ def ensure_phantom(config: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     written = Path(write_phantom_dataset(tmp, n_cases=p.cases, seed=p.seed, rows=p.rows,
                                          cols=p.cols, slices=p.slices, pixel_spacing=p.pixel_spacing,
-                                         z_range=z_range))
+                                         z_range=z_range, reconstruction_radius=p.reconstruction_radius,
+                                         padding_hu=p.padding_hu))
     (written / ".complete").write_text("")
     shutil.rmtree(final, ignore_errors=True)
     written.rename(final)
@@ -97,28 +106,39 @@ def ensure_phantom(config: dict) -> Path:
     return final
 
 
-def _check_scanner(pixel_spacing: float | None, z_range: tuple[float, float]) -> None:
+def _check_scanner(pixel_spacing: float | None, z_range: tuple[float, float],
+                   reconstruction_radius: float | None = None, padding_hu: float = -1000.0) -> None:
+    if reconstruction_radius is not None and not 0 < reconstruction_radius <= 0.75:
+        raise ConfigError(f"phantom reconstruction_radius must be in (0, 0.75] of the field's width "
+                          f"(0.5: the circle touches the image edges), got {reconstruction_radius}")
+    if not -30000 <= padding_hu <= -1000:  # air or a scanner's padding; int16 storage with the intercept
+        raise ConfigError(f"phantom padding_hu must be in [-30000, -1000] HU, got {padding_hu}")
     if not (len(z_range) == 2 and 0.0 <= float(z_range[0]) < float(z_range[1]) <= 1.0):
         raise ConfigError(f"phantom z_range must satisfy 0 <= start < end <= 1, got {tuple(z_range)}")
     if pixel_spacing is not None and not pixel_spacing > 0:
         raise ConfigError(f"phantom pixel_spacing must be > 0 mm, got {pixel_spacing}")
 
 
-def _scanner_tag(pixel_spacing: float | None, z_range: tuple[float, float]) -> str:
+def _scanner_tag(pixel_spacing: float | None, z_range: tuple[float, float],
+                 reconstruction_radius: float | None = None, padding_hu: float = -1000.0) -> str:
     """What sets a dataset apart from the default scanner, for folder names and UIDs ("" if none)."""
     tag = f"-p{pixel_spacing:g}" if pixel_spacing is not None else ""
-    return tag + (f"-z{z_range[0]:g}-{z_range[1]:g}" if tuple(z_range) != (0.0, 1.0) else "")
+    tag += f"-z{z_range[0]:g}-{z_range[1]:g}" if tuple(z_range) != (0.0, 1.0) else ""
+    return tag + (f"-r{reconstruction_radius:g}{padding_hu:g}" if reconstruction_radius is not None else "")
 
 
 def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256, slices: int = 48,
                  pixel_spacing: float | None = None, z_range: tuple[float, float] = (0.0, 1.0),
+                 reconstruction_radius: float | None = None, padding_hu: float = -1000.0,
                  ) -> tuple[np.ndarray, np.ndarray, PhantomGeometry]:
     """One chest CT: HU (z, y, x) float32 with z ascending (feet → head), lung mask uint8, geometry.
 
     The anatomy (mm) depends on `rng` only; `pixel_spacing` (None: the field of view fits the
-    body) and `z_range` (0: below the lung bases, 1: above the apex) choose how it is sampled.
+    body) and `z_range` (0: below the lung bases, 1: above the apex) choose how it is sampled;
+    `reconstruction_radius` (a fraction of the field's width, centred on the image) puts
+    `padding_hu` outside the scanner's reconstruction circle and removes the lung label there.
     """
-    _check_scanner(pixel_spacing, z_range)
+    _check_scanner(pixel_spacing, z_range, reconstruction_radius, padding_hu)
     z0, z1 = (float(v) for v in z_range)
     half_width = rng.uniform(140, 175)  # body half-axes (mm): left-right, anterior-posterior
     half_depth = rng.uniform(95, 125)
@@ -205,6 +225,12 @@ def phantom_case(rng: np.random.Generator, rows: int = 256, cols: int = 256, sli
     blur = 1.1 / spacing  # about 1.1 mm, whatever the pixel size
     hu = ndimage.gaussian_filter(hu, sigma=(0, blur, blur), truncate=2.5)
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(rng.uniform(10, 25))
+    if reconstruction_radius is not None:  # the scanner writes an exact padding value, no noise
+        yy, xx = np.ogrid[:rows, :cols]
+        radius = reconstruction_radius * min(rows, cols)  # pixels
+        outside = (yy - (rows - 1) / 2) ** 2 + (xx - (cols - 1) / 2) ** 2 > radius ** 2
+        hu[:, outside] = padding_hu
+        lungs[:, outside] = False
     return hu, lungs.astype(np.uint8), geometry
 
 
@@ -278,10 +304,16 @@ def _identity(rng, patient_name: str | None, patient_id: str | None) -> dict:
 
 def _write_case_series(folder: Path, hu: np.ndarray, geometry: PhantomGeometry,
                        rng: np.random.Generator, identity: dict, descending: bool,
-                       uid_seed: str) -> None:
-    """One CT Image Storage file per slice, with shuffled names, into a freshly replaced folder."""
+                       uid_seed: str, padding_hu: float | None = None) -> None:
+    """One CT Image Storage file per slice, with shuffled names, into a freshly replaced folder.
+
+    HU are clipped to what the intercept stores, [-1024, 3071], but for pixels holding exactly a
+    scanner's `padding_hu`, which it stores below -1024."""
     slices, rows, cols = hu.shape
-    stored = (np.clip(np.rint(hu), -1024, 3071) - INTERCEPT).astype(np.int16)
+    clipped = np.clip(np.rint(hu), INTERCEPT, 3071)
+    if padding_hu is not None:
+        clipped[hu == padding_hu] = padding_hu
+    stored = (clipped - INTERCEPT).astype(np.int16)
     study_uid = generate_uid(entropy_srcs=["ctseg-phantom-study", uid_seed])
     series_uid = generate_uid(entropy_srcs=["ctseg-phantom-series", uid_seed])
     frame_uid = generate_uid(entropy_srcs=["ctseg-phantom-frame", uid_seed])
